@@ -1,0 +1,301 @@
+//! Request and configuration models, in Firecracker's dialect.
+//!
+//! The config file (`ember --config-file`) and the API bodies share these types, so a field
+//! means the same thing on both paths. Parsing rejects unknown fields and names the field that
+//! failed; [`VmConfig::validate`] checks what does not depend on the host.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The most vCPUs a guest may have: the MP table that announces them must fit in the EBDA.
+pub const MAX_VCPUS: u8 = 32;
+
+/// The kernel command line limit on x86_64 (`COMMAND_LINE_SIZE`), terminating NUL included.
+pub const MAX_BOOT_ARGS_LEN: usize = 2048;
+
+/// Boot arguments used when the config gives none.
+pub const DEFAULT_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// A model that failed to parse or validate; the message names the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    /// The JSON is malformed or has the wrong shape.
+    #[error("{0}")]
+    Parse(String),
+    /// A field holds a value Ember cannot use.
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// A section is valid Firecracker but not implemented by this version of Ember.
+    #[error("{0}: not supported by this version of Ember yet; remove it from the configuration")]
+    Unsupported(&'static str),
+}
+
+/// `boot-source` / `PUT /boot-source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Uncompressed ELF `vmlinux` or a `bzImage`.
+    pub kernel_image_path: PathBuf,
+    /// Kernel command line; [`DEFAULT_BOOT_ARGS`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// Initial RAM filesystem (a cpio archive) loaded next to the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+}
+
+/// `machine-config` / `PUT /machine-config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
+    pub vcpu_count: u8,
+    /// Guest memory in MiB.
+    pub mem_size_mib: usize,
+    /// Simultaneous multithreading; Ember presents one thread per core.
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty page tracking for diff snapshots.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Firecracker CPU templates are not supported; only `null`/`"None"` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages backing; only `"None"` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: None,
+        }
+    }
+}
+
+/// The whole configuration file, with Firecracker's section names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSource>,
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<serde_json::Value>,
+    #[serde(rename = "network-interfaces", default, skip_serializing_if = "Vec::is_empty")]
+    pub network_interfaces: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default, skip_serializing_if = "Option::is_none")]
+    pub mmds_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<serde_json::Value>,
+}
+
+impl VmConfig {
+    /// Parses a config file's text, naming the offending field on failure.
+    pub fn from_json(text: &str) -> Result<Self, ModelError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                ModelError::Parse(inner.to_string())
+            } else {
+                ModelError::Parse(format!("{path}: {inner}"))
+            }
+        })
+    }
+
+    /// Checks everything that does not need the host: counts, limits and unsupported sections.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let boot = self.boot_source.as_ref().ok_or(ModelError::Invalid {
+            field: "boot-source",
+            reason: "missing; give kernel_image_path at least".into(),
+        })?;
+        boot.validate()?;
+        self.machine_config.validate()?;
+        let unsupported = [
+            ("drives", !self.drives.is_empty()),
+            ("network-interfaces", !self.network_interfaces.is_empty()),
+            ("vsock", self.vsock.is_some()),
+            ("logger", self.logger.is_some()),
+            ("metrics", self.metrics.is_some()),
+            ("mmds-config", self.mmds_config.is_some()),
+            ("balloon", self.balloon.is_some()),
+            ("entropy", self.entropy.is_some()),
+        ];
+        match unsupported.iter().find(|(_, present)| *present) {
+            Some((name, _)) => Err(ModelError::Unsupported(name)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl BootSource {
+    /// The command line the guest gets.
+    pub fn boot_args(&self) -> &str {
+        self.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        if self.kernel_image_path.as_os_str().is_empty() {
+            return Err(ModelError::Invalid {
+                field: "boot-source.kernel_image_path",
+                reason: "empty path".into(),
+            });
+        }
+        let len = self.boot_args().len();
+        if len >= MAX_BOOT_ARGS_LEN {
+            return Err(ModelError::Invalid {
+                field: "boot-source.boot_args",
+                reason: format!(
+                    "{len} bytes is too long; the limit is {} bytes",
+                    MAX_BOOT_ARGS_LEN - 1
+                ),
+            });
+        }
+        if self.boot_args().bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+            return Err(ModelError::Invalid {
+                field: "boot-source.boot_args",
+                reason: "only printable ASCII is allowed".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl MachineConfig {
+    fn validate(&self) -> Result<(), ModelError> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpu_count) {
+            return Err(ModelError::Invalid {
+                field: "machine-config.vcpu_count",
+                reason: format!("{} is out of range; use 1 to {MAX_VCPUS}", self.vcpu_count),
+            });
+        }
+        if self.mem_size_mib == 0 {
+            return Err(ModelError::Invalid {
+                field: "machine-config.mem_size_mib",
+                reason: "0 MiB is not enough memory to boot; use at least 16".into(),
+            });
+        }
+        if self.mem_size_mib < 16 {
+            return Err(ModelError::Invalid {
+                field: "machine-config.mem_size_mib",
+                reason: format!("{} MiB is too little to boot; use at least 16", self.mem_size_mib),
+            });
+        }
+        if self.smt {
+            return Err(ModelError::Invalid {
+                field: "machine-config.smt",
+                reason: "SMT is not supported; set it to false".into(),
+            });
+        }
+        let none_or = |v: &Option<String>| v.as_deref().is_none_or(|s| s == "None");
+        if !none_or(&self.cpu_template) {
+            return Err(ModelError::Unsupported("machine-config.cpu_template"));
+        }
+        if !none_or(&self.huge_pages) {
+            return Err(ModelError::Unsupported("machine-config.huge_pages"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig, ModelError> {
+        VmConfig::from_json(text).and_then(|c| c.validate().map(|()| c))
+    }
+
+    const KERNEL: &str = r#""boot-source": {"kernel_image_path": "/k"}"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&format!("{{{KERNEL}}}")).unwrap();
+        assert_eq!(c.machine_config, MachineConfig::default());
+        assert_eq!(c.boot_source.unwrap().boot_args(), DEFAULT_BOOT_ARGS);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_path() {
+        let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "vcpus": 2}}}}"#);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("machine-config.vcpus: unknown field `vcpus`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": "two", "mem_size_mib": 64}}}}"#);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("machine-config.vcpu_count: invalid type"), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_reports_position() {
+        let err = parse("{\"boot-source\": ").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn vcpu_bounds() {
+        for (n, ok) in [(0, false), (1, true), (32, true), (33, false)] {
+            let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": {n}, "mem_size_mib": 64}}}}"#);
+            assert_eq!(parse(&text).is_ok(), ok, "vcpu_count {n}");
+        }
+    }
+
+    #[test]
+    fn zero_memory_is_refused_by_name() {
+        let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 0}}}}"#);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("machine-config.mem_size_mib: 0 MiB"), "{err}");
+    }
+
+    #[test]
+    fn missing_boot_source_is_named() {
+        let err = parse("{}").unwrap_err().to_string();
+        assert!(err.starts_with("boot-source: missing"), "{err}");
+    }
+
+    #[test]
+    fn sections_of_later_versions_are_refused_clearly() {
+        let text = format!(r#"{{{KERNEL}, "drives": [{{"drive_id": "root"}}]}}"#);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("drives: not supported"), "{err}");
+        assert!(parse(&format!(r#"{{{KERNEL}, "drives": []}}"#)).is_ok());
+    }
+
+    #[test]
+    fn overlong_and_non_ascii_boot_args_are_refused() {
+        let long = "a".repeat(MAX_BOOT_ARGS_LEN);
+        let text = format!(r#"{{"boot-source": {{"kernel_image_path": "/k", "boot_args": "{long}"}}}}"#);
+        assert!(parse(&text).unwrap_err().to_string().contains("too long"));
+        let text = r#"{"boot-source": {"kernel_image_path": "/k", "boot_args": "a\u0001"}}"#;
+        assert!(parse(text).unwrap_err().to_string().contains("printable ASCII"));
+    }
+
+    #[test]
+    fn config_round_trips() {
+        let c = parse(&format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}}}}"#)).unwrap();
+        let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(c, again);
+    }
+}

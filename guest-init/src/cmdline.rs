@@ -1,0 +1,76 @@
+//! `ember.*` options on the kernel command line (read from /proc/cmdline; the kernel keeps
+//! dotted parameters away from init's argv and environment).
+//!
+//! | option | meaning |
+//! |---|---|
+//! | `ember.hostname=NAME` | the guest's hostname (default `ember`) |
+//! | `ember.test=poweroff` | power off right after the ready line (boot tests, benchmarks) |
+
+/// What the command line asks of init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitOptions {
+    pub hostname: String,
+    pub poweroff_when_ready: bool,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self { hostname: "ember".into(), poweroff_when_ready: false }
+    }
+}
+
+/// The most a hostname may hold (HOST_NAME_MAX).
+const HOSTNAME_MAX: usize = 64;
+
+/// Parses the options; unknown `ember.*` options and malformed values are reported as
+/// warnings and otherwise ignored, so a typo never stops the guest from booting.
+pub fn parse(cmdline: &str) -> (InitOptions, Vec<String>) {
+    let mut options = InitOptions::default();
+    let mut warnings = Vec::new();
+    for word in cmdline.split_ascii_whitespace() {
+        let Some(option) = word.strip_prefix("ember.") else { continue };
+        let (key, value) = option.split_once('=').unwrap_or((option, ""));
+        match key {
+            "hostname" if valid_hostname(value) => options.hostname = value.into(),
+            "hostname" => warnings.push(format!("ignoring invalid hostname {value:?}")),
+            "test" if value == "poweroff" => options.poweroff_when_ready = true,
+            _ => warnings.push(format!("ignoring unknown option {word:?}")),
+        }
+    }
+    (options, warnings)
+}
+
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= HOSTNAME_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_options() {
+        let (o, w) = parse("console=ttyS0 reboot=k");
+        assert_eq!(o, InitOptions::default());
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn reads_hostname_and_poweroff() {
+        let (o, w) = parse("quiet ember.hostname=box-1 ember.test=poweroff");
+        assert_eq!(o.hostname, "box-1");
+        assert!(o.poweroff_when_ready);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn bad_values_warn_and_keep_defaults() {
+        let (o, w) = parse("ember.hostname=a/b ember.test=explode ember.nope");
+        assert_eq!(o, InitOptions::default());
+        assert_eq!(w.len(), 3);
+        let long = format!("ember.hostname={}", "a".repeat(65));
+        assert_eq!(parse(&long).0.hostname, "ember");
+    }
+}

@@ -1,0 +1,218 @@
+//! ember-init: PID 1 of an Ember guest. Top to bottom: mount the pseudo filesystems, make
+//! sure the console is stdio, read `ember.*` options, set the hostname, say "ready" (console
+//! line and the boot-timer port), then reap children until asked to power off.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use guest_init::{cmdline, report};
+
+/// Ember's boot-timer port and the value that marks boot complete (see the VMM's
+/// `devices::legacy::boot_timer`).
+const BOOT_TIMER_PORT: u16 = 0x440;
+const BOOT_COMPLETE_MAGIC: u8 = 123;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ember-init: {e:#}");
+    }
+    // PID 1 must not exit (the kernel would panic); a failed init powers the VM off instead.
+    power_off();
+}
+
+fn run() -> Result<()> {
+    mount_pseudo_filesystems()?;
+    ensure_console_stdio();
+    let text = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
+    let (options, warnings) = cmdline::parse(&text);
+    for warning in warnings {
+        eprintln!("ember-init: {warning}");
+    }
+    set_hostname(&options.hostname)?;
+    let signals = block_signals()?;
+    println!("ember-init: cmdline: {}", text.trim());
+    println!(
+        "ember-init: ready in {} ms: cpus={} ram_kib={} hostname={}",
+        boot_time().as_millis(),
+        online_cpus().map_or_else(|| "?".into(), |n| n.to_string()),
+        system_ram_kib().map_or_else(|| "?".into(), |n| n.to_string()),
+        options.hostname,
+    );
+    signal_boot_complete();
+    if options.poweroff_when_ready {
+        return Ok(());
+    }
+    supervise(&signals);
+    Ok(())
+}
+
+/// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run, creating the directories.
+/// An already mounted target (a block root with devtmpfs auto-mounted) is left as it is.
+fn mount_pseudo_filesystems() -> Result<()> {
+    let mounts = [
+        ("proc", "/proc", "proc", "", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+        ("sysfs", "/sys", "sysfs", "", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+        ("devtmpfs", "/dev", "devtmpfs", "mode=0755", libc::MS_NOSUID),
+        ("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", libc::MS_NOSUID | libc::MS_NOEXEC),
+        ("tmpfs", "/dev/shm", "tmpfs", "mode=1777", libc::MS_NOSUID | libc::MS_NODEV),
+        ("tmpfs", "/tmp", "tmpfs", "mode=1777", libc::MS_NOSUID | libc::MS_NODEV),
+        ("tmpfs", "/run", "tmpfs", "mode=0755", libc::MS_NOSUID | libc::MS_NODEV),
+    ];
+    for (source, target, fstype, data, flags) in mounts {
+        std::fs::create_dir_all(target).with_context(|| format!("cannot create {target}"))?;
+        mount(source, target, fstype, flags, data)
+            .with_context(|| format!("cannot mount {fstype} on {target}"))?;
+    }
+    Ok(())
+}
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<()> {
+    let c = |s: &str| CString::new(s).context("path with a NUL byte");
+    let (source, target, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
+    // SAFETY: all four pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast())
+    };
+    let err = std::io::Error::last_os_error();
+    if rc == 0 || err.raw_os_error() == Some(libc::EBUSY) {
+        return Ok(());
+    }
+    Err(err.into())
+}
+
+/// The kernel opens /dev/console for init only if the initramfs has that node; when it
+/// did not, stdio is closed, so open it now that devtmpfs is mounted.
+fn ensure_console_stdio() {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    let stdout_open = unsafe { libc::fcntl(1, libc::F_GETFD) } != -1;
+    if stdout_open {
+        return;
+    }
+    let Ok(console) = File::options().read(true).write(true).open("/dev/console") else {
+        return;
+    };
+    for fd in 0..3 {
+        // SAFETY: `console` is an open descriptor; dup2 onto 0..2 replaces closed slots.
+        unsafe { libc::dup2(console.as_raw_fd(), fd) };
+    }
+}
+
+fn set_hostname(name: &str) -> Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
+    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot set the hostname");
+    }
+    Ok(())
+}
+
+/// Blocks the signals init acts on, so that they queue for `sigwaitinfo`.
+fn block_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame for every call below.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGCHLD, libc::SIGINT, libc::SIGTERM, libc::SIGPWR] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot block signals");
+        }
+    }
+    Ok(set)
+}
+
+/// Reaps children; returns when asked to stop (SIGINT is Ctrl-Alt-Del, SIGTERM/SIGPWR a
+/// power-off request).
+fn supervise(signals: &libc::sigset_t) {
+    loop {
+        // SAFETY: `signals` is an initialised set; a null info pointer is allowed.
+        let sig = unsafe { libc::sigwaitinfo(signals, std::ptr::null_mut()) };
+        match sig {
+            libc::SIGCHLD => {
+                reap_children();
+            }
+            libc::SIGINT | libc::SIGTERM | libc::SIGPWR => return,
+            _ => {}
+        }
+    }
+}
+
+/// Collects every exited child; returns true while other children are still running.
+fn reap_children() -> bool {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes only to `status`.
+        match unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } {
+            0 => return true,
+            -1 => return false,
+            _ => {}
+        }
+    }
+}
+
+fn boot_time() -> Duration {
+    // SAFETY: timespec is plain data, filled by clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid timespec for the call to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn online_cpus() -> Option<u32> {
+    report::count_cpulist(&std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?)
+}
+
+fn system_ram_kib() -> Option<u64> {
+    report::system_ram_kib(&std::fs::read_to_string("/proc/iomem").ok()?)
+}
+
+/// Writes the boot-complete value to Ember's boot-timer port. Elsewhere (another VMM, no
+/// port access) this does nothing harmful: an unclaimed port ignores writes.
+fn signal_boot_complete() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: ioperm only changes this process's I/O permission bitmap.
+        if unsafe { libc::ioperm(u64::from(BOOT_TIMER_PORT), 1, 1) } != 0 {
+            return;
+        }
+        // SAFETY: the port was just granted to this process; a port write touches no
+        // memory and the VMM (or nothing) handles it.
+        unsafe {
+            std::arch::asm!(
+                "out dx, al",
+                in("dx") BOOT_TIMER_PORT,
+                in("al") BOOT_COMPLETE_MAGIC,
+                options(nomem, nostack, preserves_flags)
+            );
+        }
+    }
+}
+
+/// Stops every process, flushes filesystems and ends the VM. Ember guests have no ACPI,
+/// so a power-off request would only halt the CPUs; a reboot goes out through the i8042
+/// reset line (`reboot=k`), which makes Ember exit with status 0.
+fn power_off() -> ! {
+    // SAFETY: signalling all other processes and syncing have no memory-safety impact.
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+    for _ in 0..100 {
+        if !reap_children() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        libc::sync();
+    }
+    loop {
+        // SAFETY: reboot(2) with RB_AUTOBOOT does not return on success.
+        unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

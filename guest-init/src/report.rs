@@ -1,0 +1,60 @@
+//! What the guest tells about itself in its ready line: CPUs online and RAM, so that a
+//! host-side test can check the guest got what it was given.
+
+/// Counts CPUs in a cpulist such as `0-3,5` (/sys/devices/system/cpu/online).
+pub fn count_cpulist(list: &str) -> Option<u32> {
+    let mut total = 0;
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let n = part.parse::<u32>().ok()?;
+                (n, n)
+            }
+        };
+        total += last.checked_sub(first)? + 1;
+    }
+    Some(total)
+}
+
+/// Sums the top-level "System RAM" ranges of /proc/iomem, in KiB: the RAM the firmware (for
+/// Ember, the e820 map) handed to the kernel, before the kernel reserves any of it.
+pub fn system_ram_kib(iomem: &str) -> Option<u64> {
+    let mut bytes = 0u64;
+    for line in iomem.lines().filter(|l| !l.starts_with(' ')) {
+        let Some((range, name)) = line.split_once(" : ") else { continue };
+        if name.trim() != "System RAM" {
+            continue;
+        }
+        let (start, end) = range.split_once('-')?;
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        bytes += end.checked_sub(start)? + 1;
+    }
+    Some(bytes / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpulists() {
+        assert_eq!(count_cpulist("0\n"), Some(1));
+        assert_eq!(count_cpulist("0-3"), Some(4));
+        assert_eq!(count_cpulist("0-1,4,6-7"), Some(5));
+        assert_eq!(count_cpulist("3-1"), None);
+        assert_eq!(count_cpulist("x"), None);
+    }
+
+    #[test]
+    fn iomem_ram() {
+        let iomem = "00000000-00000fff : Reserved\n\
+                     00001000-0009fbff : System RAM\n\
+                     00100000-07ffffff : System RAM\n\
+                     \x20 01000000-01ffffff : Kernel code\n\
+                     d0000000-d0000fff : LNRO0005:00\n";
+        assert_eq!(system_ram_kib(iomem), Some((0x9f000 + 0x7f00000) / 1024));
+        assert_eq!(system_ram_kib(""), Some(0));
+    }
+}

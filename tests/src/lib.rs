@@ -1,0 +1,505 @@
+//! The test bed: runs a shell job where KVM can boot a stock Linux guest.
+//!
+//! On a host with hardware virtualization the job runs directly. On a host whose `/dev/kvm`
+//! cannot run stock guests (PVM, or no `svm`/`vmx` at all) it runs inside the nested test
+//! bed: QEMU with TCG and `-cpu max` boots a Debian cloud kernel that loads `kvm-amd`, shows
+//! the host's root read-only over virtiofs with the job's directory writable at the same
+//! path, and runs the job there. Absolute times inside are ~50x slower than hardware; only
+//! ratios against a peer measured in the same job mean anything.
+//!
+//! `EMBER_TESTBED=direct|nested` overrides the detection. Nested runs are serialised by a
+//! lock: one level-1 VM already uses both cores of a small machine.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Where jobs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On this host: it has hardware virtualization (or this is the test bed itself).
+    Direct,
+    /// In the nested QEMU/TCG test bed.
+    Nested,
+}
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Decides where VM jobs run; see the module docs.
+pub fn placement() -> Result<Placement, String> {
+    match std::env::var("EMBER_TESTBED").as_deref() {
+        Ok("direct") => return Ok(Placement::Direct),
+        Ok("nested") => return Ok(Placement::Nested),
+        Ok(other) if !other.is_empty() => {
+            return Err(format!("EMBER_TESTBED={other:?}: use \"direct\" or \"nested\""))
+        }
+        _ => {}
+    }
+    if std::env::var("EMBER_TESTBED_LEVEL").is_ok() {
+        return Ok(Placement::Direct);
+    }
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw_virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "svm" || f == "vmx"));
+    if !pvm && hw_virt && Path::new("/dev/kvm").exists() {
+        Ok(Placement::Direct)
+    } else {
+        Ok(Placement::Nested)
+    }
+}
+
+/// The files every VM test needs, at the stable paths `resources/build.sh` writes.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub ember: PathBuf,
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl Artifacts {
+    /// Finds the artifacts or says how to build them.
+    pub fn locate() -> Result<Self, String> {
+        let root = repo_root();
+        let out = root.join("resources/out");
+        let ember = std::env::var_os("EMBER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/release/ember"));
+        let found = Self {
+            ember,
+            vmlinux: out.join("vmlinux"),
+            bzimage: out.join("bzImage"),
+            initramfs: out.join("initramfs.cpio"),
+        };
+        for path in [&found.ember, &found.vmlinux, &found.bzimage, &found.initramfs] {
+            if !path.is_file() {
+                return Err(format!("{} is missing; run `make build` first", path.display()));
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// What a job printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: i32,
+    /// The level-1 VM's console (nested runs only), for diagnosing the test bed itself.
+    pub console: String,
+}
+
+impl Output {
+    /// Panics with everything the job printed unless it exited with 0.
+    pub fn assert_success(&self) -> &Self {
+        assert_eq!(self.status, 0, "job failed:\n{self}");
+        self
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "status: {}", self.status)?;
+        writeln!(f, "--- stdout\n{}", self.stdout)?;
+        writeln!(f, "--- stderr\n{}", self.stderr)?;
+        if !self.console.is_empty() {
+            writeln!(f, "--- test bed console\n{}", tail(&self.console, 40))?;
+        }
+        Ok(())
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A shell job with its own writable directory (the job's working directory).
+#[derive(Debug)]
+pub struct Job {
+    dir: PathBuf,
+    script: String,
+    shares: Vec<PathBuf>,
+    timeout: Duration,
+    memory_mib: u32,
+}
+
+static JOB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Job {
+    /// A job named `name` (used in its directory name) running the bash `script`.
+    pub fn new(name: &str, script: impl Into<String>) -> Self {
+        let n = JOB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = repo_root()
+            .join("target/testbed/jobs")
+            .join(format!("{name}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        // A job that cannot get its directory fails at `run` with the reason.
+        let _ = fs::create_dir_all(&dir);
+        Self {
+            dir,
+            script: script.into(),
+            shares: Vec::new(),
+            timeout: Duration::from_secs(600),
+            memory_mib: 3072,
+        }
+    }
+
+    /// The job's directory: writable, shared with the test bed, the script's cwd.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a file into the job directory and returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        if let Err(e) = fs::write(&path, contents) {
+            panic!("cannot write {}: {e}", path.display());
+        }
+        path
+    }
+
+    /// Another host directory the job may write to.
+    pub fn share(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.shares.push(dir.into());
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Memory of the level-1 VM (nested runs); enough for the guests the job boots.
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Runs the job where KVM works and returns its output.
+    pub fn run(&self) -> Result<Output, String> {
+        fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create job directory {}: {e}", self.dir.display()))?;
+        let script = format!("set -u\ncd {}\n{}\n", shell_quote(&self.dir), self.script);
+        fs::write(self.dir.join("job.sh"), script)
+            .map_err(|e| format!("cannot write the job script: {e}"))?;
+        for name in ["stdout", "stderr", "status", "console.log"] {
+            let _ = fs::remove_file(self.dir.join(name));
+        }
+        match placement()? {
+            Placement::Direct => self.run_direct(),
+            Placement::Nested => self.run_nested(),
+        }
+    }
+
+    fn run_direct(&self) -> Result<Output, String> {
+        let file = |name: &str| {
+            File::create(self.dir.join(name)).map_err(|e| format!("cannot create {name}: {e}"))
+        };
+        let child = Command::new("bash")
+            .arg(self.dir.join("job.sh"))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(file("stdout")?)
+            .stderr(file("stderr")?)
+            .spawn()
+            .map_err(|e| format!("cannot run bash: {e}"))?;
+        let status = wait_with_timeout(child, self.timeout)
+            .ok_or_else(|| format!("job timed out after {:?}", self.timeout))?;
+        self.collect(status.code().unwrap_or(128 + status.signal_number()))
+    }
+
+    fn run_nested(&self) -> Result<Output, String> {
+        let bed = prepare_bed()?;
+        let mut shares = vec![self.dir.clone()];
+        shares.extend(self.shares.iter().cloned());
+        let list: Vec<String> = shares.iter().map(|p| p.display().to_string()).collect();
+        fs::write(self.dir.join("shares"), list.join("\n") + "\n")
+            .map_err(|e| format!("cannot write the share list: {e}"))?;
+        let _lock = BedLock::acquire()?;
+        let socket = self.dir.join("virtiofsd.sock");
+        let _ = fs::remove_file(&socket);
+        let virtiofsd = spawn_virtiofsd(&socket, &self.dir)?;
+        let _virtiofsd = KillOnDrop(virtiofsd);
+        wait_for_socket(&socket)?;
+        let qemu = self.qemu_command(&bed, &socket).spawn().map_err(|e| {
+            format!("cannot start qemu-system-x86_64 for the test bed: {e}; install qemu-system-x86")
+        })?;
+        let finished = wait_with_timeout(qemu, self.timeout);
+        let status = fs::read_to_string(self.dir.join("status")).ok();
+        match (finished, status.and_then(|s| s.trim().parse::<i32>().ok())) {
+            (Some(_), Some(code)) => self.collect(code),
+            (finished, _) => {
+                let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+                let why = if finished.is_none() { "timed out" } else { "ended without a status" };
+                Err(format!(
+                    "test bed job {why} (limit {:?}); its console:\n{}\n{}",
+                    self.timeout,
+                    tail(&console, 40),
+                    fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+                ))
+            }
+        }
+    }
+
+    fn qemu_command(&self, bed: &Path, socket: &Path) -> Command {
+        let mem = format!("{}M", self.memory_mib);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &mem])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(bed.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(bed.join("initramfs.cpio"))
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off testbed.job={}",
+                self.dir.display()
+            ))
+            .arg("-serial")
+            .arg(format!("file:{}", self.dir.join("console.log").display()))
+            .arg("-chardev")
+            .arg(format!("socket,id=vfs,path={}", socket.display()))
+            .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=host"])
+            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+            .args(["-numa", "node,memdev=mem"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        match File::create(self.dir.join("qemu.log")) {
+            Ok(log) => cmd.stderr(log),
+            Err(_) => cmd.stderr(Stdio::null()),
+        };
+        cmd
+    }
+
+    fn collect(&self, status: i32) -> Result<Output, String> {
+        let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        Ok(Output {
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+            status,
+            console: read("console.log"),
+        })
+    }
+}
+
+/// Single-quotes a path for bash.
+pub fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+trait SignalNumber {
+    fn signal_number(&self) -> i32;
+}
+
+impl SignalNumber for std::process::ExitStatus {
+    fn signal_number(&self) -> i32 {
+        std::os::unix::process::ExitStatusExt::signal(self).unwrap_or(0)
+    }
+}
+
+fn wait_with_timeout(mut child: Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Builds (or finds cached) the level-1 kernel and initramfs, once per process.
+fn prepare_bed() -> Result<PathBuf, String> {
+    static BED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BED.get_or_init(|| {
+        let script = repo_root().join("tests/testbed/prepare.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "the nested test bed could not be prepared ({}); this host has no hardware \
+                 virtualization KVM can boot stock guests with, and VM tests need one of the two",
+                script.display()
+            ));
+        }
+        let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+        Ok(PathBuf::from(dir))
+    })
+    .clone()
+}
+
+fn spawn_virtiofsd(socket: &Path, dir: &Path) -> Result<Child, String> {
+    let log = File::create(dir.join("virtiofsd.log"))
+        .map_err(|e| format!("cannot create virtiofsd.log: {e}"))?;
+    Command::new("/usr/lib/qemu/virtiofsd")
+        .arg(format!("--socket-path={}", socket.display()))
+        .args(["-o", "source=/", "-o", "cache=auto", "-o", "sandbox=chroot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start /usr/lib/qemu/virtiofsd: {e}; install qemu-system-common"))
+}
+
+fn wait_for_socket(socket: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("virtiofsd did not create {}", socket.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An exclusive lock on the test bed, held while a level-1 VM runs.
+struct BedLock(File);
+
+impl BedLock {
+    fn acquire() -> Result<Self, String> {
+        let path = repo_root().join("target/testbed/lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns; blocks until the lock is free.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error()));
+        }
+        Ok(Self(file))
+    }
+}
+
+impl Drop for BedLock {
+    fn drop(&mut self) {
+        let _ = self.0.flush();
+        // SAFETY: unlocking the descriptor this value owns.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Boot arguments for test and benchmark guests: quiet console, power off once ready.
+pub const TEST_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet ember.test=poweroff";
+
+/// A guest to boot: the pieces of an `ember` config file.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub boot_args: String,
+}
+
+impl GuestSpec {
+    /// The standard test guest: our kernel and initramfs, 1 vCPU, 128 MiB.
+    pub fn standard(artifacts: &Artifacts) -> Self {
+        Self {
+            kernel: artifacts.vmlinux.clone(),
+            initrd: Some(artifacts.initramfs.clone()),
+            vcpus: 1,
+            mem_mib: 128,
+            boot_args: TEST_BOOT_ARGS.into(),
+        }
+    }
+
+    /// The Firecracker-format config file for this guest.
+    pub fn config_json(&self) -> String {
+        let mut boot = serde_json::json!({
+            "kernel_image_path": self.kernel,
+            "boot_args": self.boot_args,
+        });
+        if let Some(initrd) = &self.initrd {
+            boot["initrd_path"] = serde_json::json!(initrd);
+        }
+        serde_json::json!({
+            "boot-source": boot,
+            "machine-config": {"vcpu_count": self.vcpus, "mem_size_mib": self.mem_mib},
+        })
+        .to_string()
+    }
+}
+
+/// What ember-init's ready line says about the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyLine {
+    pub ready_ms: u64,
+    pub cpus: u32,
+    pub ram_kib: u64,
+    pub hostname: String,
+}
+
+/// Finds and parses `ember-init: ready in N ms: cpus=C ram_kib=R hostname=H` in console text.
+pub fn parse_ready_line(console: &str) -> Option<ReadyLine> {
+    let line = console.lines().find_map(|l| l.trim_end().strip_prefix("ember-init: ready in "))?;
+    let (ms, rest) = line.split_once(" ms: ")?;
+    let field = |key: &str| {
+        rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+    };
+    Some(ReadyLine {
+        ready_ms: ms.parse().ok()?,
+        cpus: field("cpus")?.parse().ok()?,
+        ram_kib: field("ram_kib")?.parse().ok()?,
+        hostname: field("hostname")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_parses() {
+        let text = "noise\nember-init: ready in 42 ms: cpus=2 ram_kib=261755 hostname=ember\r\n";
+        let r = parse_ready_line(text).unwrap();
+        assert_eq!(r, ReadyLine { ready_ms: 42, cpus: 2, ram_kib: 261755, hostname: "ember".into() });
+        assert!(parse_ready_line("ember-init: ready in x ms: cpus=1").is_none());
+    }
+
+    #[test]
+    fn config_json_is_firecracker_shaped() {
+        let spec = GuestSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            vcpus: 2,
+            mem_mib: 256,
+            boot_args: "quiet".into(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&spec.config_json()).unwrap();
+        assert_eq!(v["boot-source"]["kernel_image_path"], "/k");
+        assert!(v["boot-source"].get("initrd_path").is_none());
+        assert_eq!(v["machine-config"]["vcpu_count"], 2);
+    }
+}

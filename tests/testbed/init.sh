@@ -1,0 +1,44 @@
+#!/bin/busybox sh
+# PID 1 of the test bed's level-1 VM. Loads KVM and virtiofs, shows the host's root
+# read-only at /newroot with the job's shares writable at their own paths, runs the job
+# there, records its exit status and powers off. The job directory (on the kernel command
+# line as testbed.job=DIR) holds job.sh, shares, and receives stdout, stderr and status.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+fail() { echo "testbed-l1: $*" >&2; poweroff -f; }
+
+for m in $(cat /modules/order); do
+    insmod "/modules/$m.ko" || fail "cannot load module $m"
+done
+[ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd (is SVM emulated? use -cpu max)"
+
+job=$(sed -n 's/.*testbed\.job=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$job" ] || fail "no testbed.job= on the command line"
+mount -t virtiofs host /mnt/host || fail "cannot mount the host's root over virtiofs"
+[ -f "/mnt/host$job/job.sh" ] || fail "no job script at $job/job.sh"
+
+mount --bind /mnt/host /newroot
+mount -o remount,bind,ro /newroot
+mount -t proc proc /newroot/proc
+mount -t sysfs sysfs /newroot/sys
+mount -t devtmpfs devtmpfs /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts devpts /newroot/dev/pts
+mount -t tmpfs tmpfs /newroot/dev/shm
+for d in tmp run var/tmp; do mount -t tmpfs tmpfs "/newroot/$d"; done
+while read -r share; do
+    [ -n "$share" ] || continue
+    mkdir -p "/newroot$share" 2>/dev/null
+    mount --bind "/mnt/host$share" "/newroot$share" || fail "cannot share $share"
+done < "/mnt/host$job/shares"
+
+chroot /newroot /usr/bin/env -i HOME=/root TERM=dumb EMBER_TESTBED_LEVEL=1 \
+    PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    /bin/bash "$job/job.sh" > "/mnt/host$job/stdout" 2> "/mnt/host$job/stderr"
+echo $? > "/mnt/host$job/status"
+sync
+poweroff -f

@@ -1,0 +1,290 @@
+//! Ember's VMM: builds a microVM from a [`VmConfig`] (KVM VM, guest memory, kernel, legacy
+//! devices, vCPUs) and runs it on an event-manager loop until the guest stops.
+//!
+//! Threads: the caller's thread runs the event loop (console input, guest resets, vCPU
+//! stops); each vCPU runs on its own thread and dispatches its port and MMIO exits directly
+//! to the buses.
+
+pub mod arch;
+pub mod devices;
+pub mod vstate;
+
+use std::io::Write;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use api::models::{BootSource, ModelError, VmConfig};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use arch::x86_64::boot::{self, BootError, LoadedKernel};
+use arch::x86_64::mptable::{self, MpTableError};
+use arch::x86_64::regs::{self, RegsError};
+use arch::x86_64::BOOT_TIMER_PORT;
+use devices::bus::lock;
+use devices::legacy::{i8042, serial, BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042};
+use devices::BusError;
+use vstate::kvm::{self, KvmError, KvmVm};
+use vstate::memory::{self, MemoryError};
+use vstate::vcpu::{Buses, Vcpu, VcpuError, VcpuStop};
+
+/// Anything that stops a VM from being built or run. Messages say what failed, on what.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ModelError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    #[error("cannot create an eventfd for {0}: {1}")]
+    EventFd(&'static str, std::io::Error),
+    #[error("cannot connect {0} to guest IRQ {1}: {2}")]
+    Irqfd(&'static str, u32, kvm_ioctls::Error),
+    #[error("cannot place {0} on the I/O bus: {1}")]
+    Bus(&'static str, BusError),
+    #[error("the VMM event loop failed: {0}")]
+    EventLoop(event_manager::Error),
+}
+
+impl VmmError {
+    /// True for errors in what the user asked for (fix the configuration), as opposed to
+    /// failures of the host or of running the guest.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            VmmError::Config(_)
+                | VmmError::Boot(
+                    BootError::OpenKernel(..)
+                        | BootError::ReadKernel(..)
+                        | BootError::UnknownKernelFormat(..)
+                        | BootError::OpenInitrd(..)
+                        | BootError::InitrdTooLarge { .. }
+                )
+                | VmmError::Memory(MemoryError::TooLarge { .. })
+                | VmmError::Kvm(KvmError::TooManyVcpus { .. })
+        )
+    }
+}
+
+/// How a VM's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest rebooted or powered off (i8042 reset, KVM system event).
+    GuestStopped,
+    /// The guest triple-faulted: a crash, or a `reboot=t` reboot.
+    GuestTripleFault,
+    /// Running vCPU `vcpu` failed.
+    Failed { vcpu: u8, message: String },
+}
+
+/// Options that are not part of the VM's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct VmmOptions {
+    /// When the `ember` process started; the boot timer measures from here.
+    pub process_start: Instant,
+    /// Print the guest's boot time when it reports boot complete.
+    pub print_boot_time: bool,
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built microVM, ready to run.
+pub struct Vmm {
+    // Field order matters for drop: vCPUs go before the VM, the VM before guest memory.
+    vcpus: Vec<Vcpu>,
+    /// Held so the VM and its memory slots outlive the vCPU threads.
+    _vm: KvmVm,
+    _guest_memory: GuestMemoryMmap,
+    event_manager: EventManager<Subscriber>,
+    exits: Arc<Mutex<ExitWatcher>>,
+}
+
+/// Checks a configuration without touching KVM: models, then the files it names.
+pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
+    config.validate()?;
+    memory::check_size(config.machine_config.mem_size_mib)?;
+    if let Some(boot) = &config.boot_source {
+        boot::detect_kernel_format(&boot.kernel_image_path)?;
+        if let Some(initrd) = &boot.initrd_path {
+            boot::open_initrd(initrd)?;
+        }
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Builds the VM from a checked configuration, with guest output written to `console`.
+    pub fn build(
+        config: &VmConfig,
+        options: VmmOptions,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, VmmError> {
+        check_config(config)?;
+        let machine = &config.machine_config;
+        let boot_source = config.boot_source.as_ref().ok_or(ModelError::Invalid {
+            field: "boot-source",
+            reason: "missing".into(),
+        })?;
+        let vm = kvm::create_vm(kvm::open_kvm(machine.vcpu_count)?)?;
+        let guest_memory = memory::create_guest_memory(machine.mem_size_mib)?;
+        vm.register_memory(&guest_memory)?;
+        let mem_bytes = (machine.mem_size_mib as u64) << 20;
+        let kernel = load_guest_image(&guest_memory, mem_bytes, boot_source)?;
+        mptable::write(&guest_memory, machine.vcpu_count)?;
+        regs::write_boot_structures(&guest_memory)?;
+
+        let mut event_manager =
+            EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        let (stop_tx, stop_rx) = channel();
+        let exits = ExitWatcher::new(stop_rx)?;
+        let reset = EventFdTrigger(exits.reset_evt.try_clone().map_err(eventfd_err("i8042"))?);
+        let stopped_evt = exits.vcpu_evt.try_clone().map_err(eventfd_err("vCPU stops"))?;
+        let exits = Arc::new(Mutex::new(exits));
+        event_manager.add_subscriber(exits.clone());
+
+        let (buses, console_input) = legacy_devices(&vm, reset, options, console)?;
+        event_manager.add_subscriber(console_input);
+        let buses = Arc::new(buses);
+        let vcpus = (0..machine.vcpu_count)
+            .map(|i| {
+                let evt = stopped_evt.try_clone().map_err(eventfd_err("vCPU stops"))?;
+                let vcpu = Vcpu::new(&vm, i, buses.clone(), stop_tx.clone(), evt)?;
+                vcpu.configure(&vm, kernel.entry, machine.vcpu_count)?;
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
+        Ok(Self { vcpus, _vm: vm, _guest_memory: guest_memory, event_manager, exits })
+    }
+
+    /// Starts the vCPUs and runs the event loop until the guest stops or a vCPU fails.
+    pub fn run(mut self) -> Result<VmOutcome, VmmError> {
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            vcpu.start()?;
+        }
+        loop {
+            self.event_manager.run().map_err(VmmError::EventLoop)?;
+            if let Some(outcome) = lock(&self.exits).outcome.take() {
+                let _ = std::io::stdout().flush();
+                return Ok(outcome);
+            }
+        }
+    }
+}
+
+fn eventfd_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
+    move |e| VmmError::EventFd(what, e)
+}
+
+/// Loads kernel, initrd and command line, and writes the zero page.
+fn load_guest_image(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    boot_source: &BootSource,
+) -> Result<LoadedKernel, VmmError> {
+    let kernel = boot::load_kernel(mem, &boot_source.kernel_image_path)?;
+    let initrd = match &boot_source.initrd_path {
+        Some(path) => Some(boot::load_initrd(mem, path, kernel.end)?),
+        None => None,
+    };
+    let cmdline_len = boot::load_cmdline(mem, boot_source.boot_args())?;
+    boot::write_zero_page(mem, mem_bytes, &kernel, cmdline_len, initrd)?;
+    Ok(kernel)
+}
+
+/// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus; returns the buses
+/// and the subscriber that feeds stdin to the console.
+fn legacy_devices(
+    vm: &KvmVm,
+    reset: EventFdTrigger,
+    options: VmmOptions,
+    console: Box<dyn Write + Send>,
+) -> Result<(Buses, Subscriber), VmmError> {
+    let mut buses = Buses::default();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("the serial IRQ"))?;
+    vm.fd
+        .register_irqfd(&serial_irq, serial::SERIAL_IRQ)
+        .map_err(|e| VmmError::Irqfd("the serial console", serial::SERIAL_IRQ, e))?;
+    let input_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("serial input"))?;
+    let console = Arc::new(Mutex::new(SerialConsole::new(
+        EventFdTrigger(serial_irq),
+        input_ready.try_clone().map_err(eventfd_err("serial input"))?,
+        console,
+    )));
+    buses
+        .pio
+        .insert(serial::SERIAL_BASE, serial::SERIAL_LEN, console.clone())
+        .map_err(|e| VmmError::Bus("the serial console", e))?;
+    buses
+        .pio
+        .insert(i8042::I8042_BASE, i8042::I8042_LEN, Arc::new(Mutex::new(I8042::new(reset))))
+        .map_err(|e| VmmError::Bus("the i8042 controller", e))?;
+    let timer = BootTimer::new(options.process_start, options.print_boot_time);
+    buses
+        .pio
+        .insert(u64::from(BOOT_TIMER_PORT), 1, Arc::new(Mutex::new(timer)))
+        .map_err(|e| VmmError::Bus("the boot timer", e))?;
+    let input = SerialInput::new(console, std::io::stdin(), input_ready);
+    Ok((buses, Arc::new(Mutex::new(input))))
+}
+
+/// Watches the events that end a VM: the i8042 reset line and vCPU stops.
+struct ExitWatcher {
+    reset_evt: EventFd,
+    vcpu_evt: EventFd,
+    vcpu_stops: Receiver<(u8, VcpuStop)>,
+    outcome: Option<VmOutcome>,
+}
+
+impl ExitWatcher {
+    fn new(vcpu_stops: Receiver<(u8, VcpuStop)>) -> Result<Self, VmmError> {
+        Ok(Self {
+            reset_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("guest resets"))?,
+            vcpu_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("vCPU stops"))?,
+            vcpu_stops,
+            outcome: None,
+        })
+    }
+
+    /// The first reason to stop wins; later ones are consequences of it.
+    fn record(&mut self, outcome: VmOutcome) {
+        self.outcome.get_or_insert(outcome);
+    }
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [&self.reset_evt, &self.vcpu_evt] {
+            // Both fds were just created and are valid; registering cannot fail short of
+            // the process running out of memory, and then nothing would work anyway.
+            let _ = ops.add(Events::new(fd, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == std::os::fd::AsRawFd::as_raw_fd(&self.reset_evt) {
+            let _ = self.reset_evt.read();
+            self.record(VmOutcome::GuestStopped);
+            return;
+        }
+        let _ = self.vcpu_evt.read();
+        while let Ok((vcpu, stop)) = self.vcpu_stops.try_recv() {
+            self.record(match stop {
+                VcpuStop::Reset => VmOutcome::GuestStopped,
+                VcpuStop::TripleFault => VmOutcome::GuestTripleFault,
+                VcpuStop::Failed(message) => VmOutcome::Failed { vcpu, message },
+            });
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! vCPUs: boot-time register set-up and the thread that runs each one, dispatching port
+//! and MMIO exits straight to the buses and reporting why it stopped.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::kvm::KvmVm;
+use crate::arch::x86_64::{cpuid, msr, regs};
+use crate::devices::Bus;
+
+/// Errors while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {0}: {1}")]
+    Create(u8, kvm_ioctls::Error),
+    #[error("cannot build the CPUID of vCPU {0}: {1:?}")]
+    BuildCpuid(u8, vmm_sys_util::fam::Error),
+    #[error("cannot set the CPUID of vCPU {0}: {1}")]
+    SetCpuid(u8, kvm_ioctls::Error),
+    #[error("cannot build the MSR list of vCPU {0}: {1:?}")]
+    BuildMsrs(u8, vmm_sys_util::fam::Error),
+    #[error("cannot set the MSRs of vCPU {0}: {1}")]
+    SetMsrs(u8, kvm_ioctls::Error),
+    #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {index}")]
+    PartialMsrs { index: u8, set: usize, wanted: usize },
+    #[error("cannot set the registers of vCPU {0}: {1}")]
+    SetRegs(u8, kvm_ioctls::Error),
+    #[error("cannot set the local APIC of vCPU {0}: {1}")]
+    SetLapic(u8, kvm_ioctls::Error),
+    #[error("cannot start the thread of vCPU {0}: {1}")]
+    Spawn(u8, std::io::Error),
+}
+
+/// Why a vCPU stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked to reset or power off (KVM system event).
+    Reset,
+    /// The guest triple-faulted, which is also how some kernels reboot.
+    TripleFault,
+    /// Running the guest failed; the message says how.
+    Failed(String),
+}
+
+/// Port I/O and MMIO address spaces, shared by all vCPU threads.
+#[derive(Default)]
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// A vCPU and what it needs to run on its own thread.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    buses: Arc<Buses>,
+    stopped: Sender<(u8, VcpuStop)>,
+    stopped_evt: EventFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index`; its stop is reported on `stopped` and signalled on `stopped_evt`.
+    pub fn new(
+        vm: &KvmVm,
+        index: u8,
+        buses: Arc<Buses>,
+        stopped: Sender<(u8, VcpuStop)>,
+        stopped_evt: EventFd,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|e| VcpuError::Create(index, e))?;
+        Ok(Self { index, fd, buses, stopped, stopped_evt })
+    }
+
+    /// Sets CPUID, MSRs, registers, FPU and LAPIC wiring for a 64-bit Linux entry.
+    pub fn configure(&self, vm: &KvmVm, entry: GuestAddress, count: u8) -> Result<(), VcpuError> {
+        let i = self.index;
+        let cpuid = cpuid::vcpu_cpuid(&vm.supported_cpuid, i, count)
+            .map_err(|e| VcpuError::BuildCpuid(i, e))?;
+        self.fd.set_cpuid2(&cpuid).map_err(|e| VcpuError::SetCpuid(i, e))?;
+        let msrs = msr::boot_msrs().map_err(|e| VcpuError::BuildMsrs(i, e))?;
+        let set = self.fd.set_msrs(&msrs).map_err(|e| VcpuError::SetMsrs(i, e))?;
+        let wanted = msrs.as_slice().len();
+        if set != wanted {
+            return Err(VcpuError::PartialMsrs { index: i, set, wanted });
+        }
+        self.fd.set_regs(&regs::boot_regs(entry)).map_err(|e| VcpuError::SetRegs(i, e))?;
+        let sregs = self.fd.get_sregs().map_err(|e| VcpuError::SetRegs(i, e))?;
+        self.fd.set_sregs(&regs::boot_sregs(sregs)).map_err(|e| VcpuError::SetRegs(i, e))?;
+        self.fd.set_fpu(&regs::boot_fpu()).map_err(|e| VcpuError::SetRegs(i, e))?;
+        let mut lapic = self.fd.get_lapic().map_err(|e| VcpuError::SetLapic(i, e))?;
+        regs::wire_lapic_lints(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(|e| VcpuError::SetLapic(i, e))?;
+        Ok(())
+    }
+
+    /// Runs the vCPU on its own thread until the guest stops it or running fails.
+    pub fn start(mut self) -> Result<JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("ember_vcpu{index}"))
+            .spawn(move || {
+                let stop = self.run();
+                // The VMM loop may already be gone when several vCPUs stop at once.
+                let _ = self.stopped.send((self.index, stop));
+                let _ = self.stopped_evt.write(1);
+            })
+            .map_err(|e| VcpuError::Spawn(index, e))
+    }
+
+    fn run(&mut self) -> VcpuStop {
+        loop {
+            if let Some(stop) = self.run_once() {
+                return stop;
+            }
+        }
+    }
+
+    /// One KVM_RUN and the handling of its exit; `Some` when the vCPU must stop.
+    fn run_once(&mut self) -> Option<VcpuStop> {
+        let buses = &self.buses;
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                buses.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                // Nothing at that port: the bus floats high, as on real hardware.
+                if !buses.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !buses.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                buses.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => Some(VcpuStop::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Some(VcpuStop::Failed("the guest reported a crash".into())),
+                other => Some(VcpuStop::Failed(format!("unknown KVM system event {other}"))),
+            },
+            Ok(VcpuExit::Hlt) => Some(VcpuStop::Failed("the guest halted with interrupts off".into())),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VcpuStop::Failed(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
+            ))),
+            Ok(VcpuExit::InternalError) => Some(VcpuStop::Failed(
+                "KVM internal error: the host could not emulate a guest instruction".into(),
+            )),
+            Ok(other) => Some(VcpuStop::Failed(format!("unexpected KVM exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VcpuStop::Failed(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+}
