@@ -85,13 +85,21 @@ impl Default for MachineConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSource>,
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<serde_json::Value>,
-    #[serde(rename = "network-interfaces", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub network_interfaces: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<serde_json::Value>,
@@ -99,7 +107,11 @@ pub struct VmConfig {
     pub logger: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<serde_json::Value>,
-    #[serde(rename = "mmds-config", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub mmds_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<serde_json::Value>,
@@ -197,7 +209,10 @@ impl MachineConfig {
         if self.mem_size_mib < 16 {
             return Err(ModelError::Invalid {
                 field: "machine-config.mem_size_mib",
-                reason: format!("{} MiB is too little to boot; use at least 16", self.mem_size_mib),
+                reason: format!(
+                    "{} MiB is too little to boot; use at least 16",
+                    self.mem_size_mib
+                ),
             });
         }
         if self.smt {
@@ -236,16 +251,26 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named_with_its_path() {
-        let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "vcpus": 2}}}}"#);
+        let text = format!(
+            r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "vcpus": 2}}}}"#
+        );
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.starts_with("machine-config.vcpus: unknown field `vcpus`"), "{err}");
+        assert!(
+            err.starts_with("machine-config.vcpus: unknown field `vcpus`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": "two", "mem_size_mib": 64}}}}"#);
+        let text = format!(
+            r#"{{{KERNEL}, "machine-config": {{"vcpu_count": "two", "mem_size_mib": 64}}}}"#
+        );
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.starts_with("machine-config.vcpu_count: invalid type"), "{err}");
+        assert!(
+            err.starts_with("machine-config.vcpu_count: invalid type"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -257,16 +282,22 @@ mod tests {
     #[test]
     fn vcpu_bounds() {
         for (n, ok) in [(0, false), (1, true), (32, true), (33, false)] {
-            let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": {n}, "mem_size_mib": 64}}}}"#);
+            let text = format!(
+                r#"{{{KERNEL}, "machine-config": {{"vcpu_count": {n}, "mem_size_mib": 64}}}}"#
+            );
             assert_eq!(parse(&text).is_ok(), ok, "vcpu_count {n}");
         }
     }
 
     #[test]
     fn zero_memory_is_refused_by_name() {
-        let text = format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 0}}}}"#);
+        let text =
+            format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 0}}}}"#);
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.starts_with("machine-config.mem_size_mib: 0 MiB"), "{err}");
+        assert!(
+            err.starts_with("machine-config.mem_size_mib: 0 MiB"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -286,15 +317,22 @@ mod tests {
     #[test]
     fn overlong_and_non_ascii_boot_args_are_refused() {
         let long = "a".repeat(MAX_BOOT_ARGS_LEN);
-        let text = format!(r#"{{"boot-source": {{"kernel_image_path": "/k", "boot_args": "{long}"}}}}"#);
+        let text =
+            format!(r#"{{"boot-source": {{"kernel_image_path": "/k", "boot_args": "{long}"}}}}"#);
         assert!(parse(&text).unwrap_err().to_string().contains("too long"));
         let text = r#"{"boot-source": {"kernel_image_path": "/k", "boot_args": "a\u0001"}}"#;
-        assert!(parse(text).unwrap_err().to_string().contains("printable ASCII"));
+        assert!(parse(text)
+            .unwrap_err()
+            .to_string()
+            .contains("printable ASCII"));
     }
 
     #[test]
     fn config_round_trips() {
-        let c = parse(&format!(r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}}}}"#)).unwrap();
+        let c = parse(&format!(
+            r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}}}}"#
+        ))
+        .unwrap();
         let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(c, again);
     }

@@ -15,7 +15,10 @@ pub struct InitOptions {
 
 impl Default for InitOptions {
     fn default() -> Self {
-        Self { hostname: "ember".into(), poweroff_when_ready: false }
+        Self {
+            hostname: "ember".into(),
+            poweroff_when_ready: false,
+        }
     }
 }
 
@@ -28,7 +31,9 @@ pub fn parse(cmdline: &str) -> (InitOptions, Vec<String>) {
     let mut options = InitOptions::default();
     let mut warnings = Vec::new();
     for word in cmdline.split_ascii_whitespace() {
-        let Some(option) = word.strip_prefix("ember.") else { continue };
+        let Some(option) = word.strip_prefix("ember.") else {
+            continue;
+        };
         let (key, value) = option.split_once('=').unwrap_or((option, ""));
         match key {
             "hostname" if valid_hostname(value) => options.hostname = value.into(),
@@ -43,7 +48,9 @@ pub fn parse(cmdline: &str) -> (InitOptions, Vec<String>) {
 fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= HOSTNAME_MAX
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 #[cfg(test)]

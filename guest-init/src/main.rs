@@ -53,13 +53,49 @@ fn run() -> Result<()> {
 /// An already mounted target (a block root with devtmpfs auto-mounted) is left as it is.
 fn mount_pseudo_filesystems() -> Result<()> {
     let mounts = [
-        ("proc", "/proc", "proc", "", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
-        ("sysfs", "/sys", "sysfs", "", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+        (
+            "proc",
+            "/proc",
+            "proc",
+            "",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            "",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        ),
         ("devtmpfs", "/dev", "devtmpfs", "mode=0755", libc::MS_NOSUID),
-        ("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", libc::MS_NOSUID | libc::MS_NOEXEC),
-        ("tmpfs", "/dev/shm", "tmpfs", "mode=1777", libc::MS_NOSUID | libc::MS_NODEV),
-        ("tmpfs", "/tmp", "tmpfs", "mode=1777", libc::MS_NOSUID | libc::MS_NODEV),
-        ("tmpfs", "/run", "tmpfs", "mode=0755", libc::MS_NOSUID | libc::MS_NODEV),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            "mode=0620,ptmxmode=0666",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            "mode=1777",
+            libc::MS_NOSUID | libc::MS_NODEV,
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            "mode=1777",
+            libc::MS_NOSUID | libc::MS_NODEV,
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            "mode=0755",
+            libc::MS_NOSUID | libc::MS_NODEV,
+        ),
     ];
     for (source, target, fstype, data, flags) in mounts {
         std::fs::create_dir_all(target).with_context(|| format!("cannot create {target}"))?;
@@ -74,7 +110,13 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
     let (source, target, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
     // SAFETY: all four pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
     };
     let err = std::io::Error::last_os_error();
     if rc == 0 || err.raw_os_error() == Some(libc::EBUSY) {

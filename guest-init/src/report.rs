@@ -22,7 +22,9 @@ pub fn count_cpulist(list: &str) -> Option<u32> {
 pub fn system_ram_kib(iomem: &str) -> Option<u64> {
     let mut bytes = 0u64;
     for line in iomem.lines().filter(|l| !l.starts_with(' ')) {
-        let Some((range, name)) = line.split_once(" : ") else { continue };
+        let Some((range, name)) = line.split_once(" : ") else {
+            continue;
+        };
         if name.trim() != "System RAM" {
             continue;
         }

@@ -40,7 +40,9 @@ pub fn placement() -> Result<Placement, String> {
         Ok("direct") => return Ok(Placement::Direct),
         Ok("nested") => return Ok(Placement::Nested),
         Ok(other) if !other.is_empty() => {
-            return Err(format!("EMBER_TESTBED={other:?}: use \"direct\" or \"nested\""))
+            return Err(format!(
+                "EMBER_TESTBED={other:?}: use \"direct\" or \"nested\""
+            ))
         }
         _ => {}
     }
@@ -83,9 +85,17 @@ impl Artifacts {
             bzimage: out.join("bzImage"),
             initramfs: out.join("initramfs.cpio"),
         };
-        for path in [&found.ember, &found.vmlinux, &found.bzimage, &found.initramfs] {
+        for path in [
+            &found.ember,
+            &found.vmlinux,
+            &found.bzimage,
+            &found.initramfs,
+        ] {
             if !path.is_file() {
-                return Err(format!("{} is missing; run `make build` first", path.display()));
+                return Err(format!(
+                    "{} is missing; run `make build` first",
+                    path.display()
+                ));
             }
         }
         Ok(found)
@@ -236,7 +246,9 @@ impl Job {
         let _virtiofsd = KillOnDrop(virtiofsd);
         wait_for_socket(&socket)?;
         let qemu = self.qemu_command(&bed, &socket).spawn().map_err(|e| {
-            format!("cannot start qemu-system-x86_64 for the test bed: {e}; install qemu-system-x86")
+            format!(
+                "cannot start qemu-system-x86_64 for the test bed: {e}; install qemu-system-x86"
+            )
         })?;
         let finished = wait_with_timeout(qemu, self.timeout);
         let status = fs::read_to_string(self.dir.join("status")).ok();
@@ -244,7 +256,11 @@ impl Job {
             (Some(_), Some(code)) => self.collect(code),
             (finished, _) => {
                 let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
-                let why = if finished.is_none() { "timed out" } else { "ended without a status" };
+                let why = if finished.is_none() {
+                    "timed out"
+                } else {
+                    "ended without a status"
+                };
                 Err(format!(
                     "test bed job {why} (limit {:?}); its console:\n{}\n{}",
                     self.timeout,
@@ -259,7 +275,13 @@ impl Job {
         let mem = format!("{}M", self.memory_mib);
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &mem])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .arg("-kernel")
             .arg(bed.join("vmlinuz"))
             .arg("-initrd")
@@ -274,7 +296,10 @@ impl Job {
             .arg("-chardev")
             .arg(format!("socket,id=vfs,path={}", socket.display()))
             .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=host"])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
             .args(["-numa", "node,memdev=mem"])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -343,7 +368,11 @@ fn prepare_bed() -> Result<PathBuf, String> {
                 script.display()
             ));
         }
-        let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+        let dir = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string();
         Ok(PathBuf::from(dir))
     })
     .clone()
@@ -359,7 +388,9 @@ fn spawn_virtiofsd(socket: &Path, dir: &Path) -> Result<Child, String> {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .map_err(|e| format!("cannot start /usr/lib/qemu/virtiofsd: {e}; install qemu-system-common"))
+        .map_err(|e| {
+            format!("cannot start /usr/lib/qemu/virtiofsd: {e}; install qemu-system-common")
+        })
 }
 
 fn wait_for_socket(socket: &Path) -> Result<(), String> {
@@ -396,7 +427,11 @@ impl BedLock {
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         // SAFETY: flock on a descriptor this function owns; blocks until the lock is free.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(format!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error()));
+            return Err(format!(
+                "cannot lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            ));
         }
         Ok(Self(file))
     }
@@ -411,7 +446,8 @@ impl Drop for BedLock {
 }
 
 /// Boot arguments for test and benchmark guests: quiet console, power off once ready.
-pub const TEST_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet ember.test=poweroff";
+pub const TEST_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd quiet ember.test=poweroff";
 
 /// A guest to boot: the pieces of an `ember` config file.
 #[derive(Debug, Clone)]
@@ -463,10 +499,13 @@ pub struct ReadyLine {
 
 /// Finds and parses `ember-init: ready in N ms: cpus=C ram_kib=R hostname=H` in console text.
 pub fn parse_ready_line(console: &str) -> Option<ReadyLine> {
-    let line = console.lines().find_map(|l| l.trim_end().strip_prefix("ember-init: ready in "))?;
+    let line = console
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("ember-init: ready in "))?;
     let (ms, rest) = line.split_once(" ms: ")?;
     let field = |key: &str| {
-        rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
     };
     Some(ReadyLine {
         ready_ms: ms.parse().ok()?,
@@ -484,7 +523,15 @@ mod tests {
     fn ready_line_parses() {
         let text = "noise\nember-init: ready in 42 ms: cpus=2 ram_kib=261755 hostname=ember\r\n";
         let r = parse_ready_line(text).unwrap();
-        assert_eq!(r, ReadyLine { ready_ms: 42, cpus: 2, ram_kib: 261755, hostname: "ember".into() });
+        assert_eq!(
+            r,
+            ReadyLine {
+                ready_ms: 42,
+                cpus: 2,
+                ram_kib: 261755,
+                hostname: "ember".into()
+            }
+        );
         assert!(parse_ready_line("ember-init: ready in x ms: cpus=1").is_none());
     }
 

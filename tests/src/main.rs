@@ -12,7 +12,10 @@ use clap::Parser;
 use testbed::{shell_quote, Job};
 
 #[derive(Parser, Debug)]
-#[command(name = "ember-testbed", about = "Run a command where KVM can boot stock guests")]
+#[command(
+    name = "ember-testbed",
+    about = "Run a command where KVM can boot stock guests"
+)]
 struct Cli {
     /// A host directory the command may write to (repeatable). The current directory is
     /// always shared.
@@ -50,8 +53,11 @@ fn main() -> ExitCode {
         Ok(cwd) => cwd,
         Err(e) => return fail(&format!("cannot read the current directory: {e}")),
     };
-    let words: Vec<String> =
-        cli.command.iter().map(|w| shell_quote(std::path::Path::new(w))).collect();
+    let words: Vec<String> = cli
+        .command
+        .iter()
+        .map(|w| shell_quote(std::path::Path::new(w)))
+        .collect();
     let script = format!("cd {}\n{}", shell_quote(&cwd), words.join(" "));
     let mut job = Job::new("cli", script)
         .share(cwd)

@@ -2,6 +2,8 @@
 //! it was given, and its power-off ends `ember` with status 0. Runs directly on hardware
 //! KVM, else in the nested test bed; with neither, the tests fail and say why.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::fs;
 use std::time::Duration;
 
@@ -22,13 +24,15 @@ struct Boot {
 fn boot_all(name: &str, guests: &[GuestSpec], bed_mem_mib: u32) -> Vec<Boot> {
     let art = artifacts();
     let mut script = String::new();
-    for (i, guest) in guests.iter().enumerate() {
+    for i in 0..guests.len() {
         script += &format!(
             "{} --no-api --config-file vm{i}.json --boot-timer > vm{i}.out 2> vm{i}.err < /dev/null; echo $? > vm{i}.rc\n",
             shell_quote(&art.ember)
         );
     }
-    let job = Job::new(name, script).memory_mib(bed_mem_mib).timeout(Duration::from_secs(900));
+    let job = Job::new(name, script)
+        .memory_mib(bed_mem_mib)
+        .timeout(Duration::from_secs(900));
     for (i, guest) in guests.iter().enumerate() {
         job.write_file(&format!("vm{i}.json"), &guest.config_json());
     }
@@ -49,13 +53,24 @@ fn guests_get_the_cpus_and_memory_they_were_given() {
     let shapes = [(1u8, 128u32), (2, 512), (4, 2048)];
     let guests: Vec<GuestSpec> = shapes
         .iter()
-        .map(|&(vcpus, mem_mib)| GuestSpec { vcpus, mem_mib, ..GuestSpec::standard(&art) })
+        .map(|&(vcpus, mem_mib)| GuestSpec {
+            vcpus,
+            mem_mib,
+            ..GuestSpec::standard(&art)
+        })
         .collect();
     let boots = boot_all("shapes", &guests, 3584);
     for ((vcpus, mem_mib), boot) in shapes.iter().zip(&boots) {
-        let context = format!("{vcpus} vCPUs, {mem_mib} MiB\n{}\n{}", boot.stdout, boot.stderr);
-        assert_eq!(boot.status, 0, "guest power-off must end ember with 0: {context}");
-        let ready = parse_ready_line(&boot.stdout).unwrap_or_else(|| panic!("no ready line: {context}"));
+        let context = format!(
+            "{vcpus} vCPUs, {mem_mib} MiB\n{}\n{}",
+            boot.stdout, boot.stderr
+        );
+        assert_eq!(
+            boot.status, 0,
+            "guest power-off must end ember with 0: {context}"
+        );
+        let ready =
+            parse_ready_line(&boot.stdout).unwrap_or_else(|| panic!("no ready line: {context}"));
         assert_eq!(ready.cpus, u32::from(*vcpus), "{context}");
         // The e820 map hands over all RAM but the 384 KiB between the EBDA and 1 MiB.
         let given_kib = u64::from(*mem_mib) * 1024;
@@ -73,7 +88,10 @@ fn kernel_command_line_reaches_the_guest() {
     let art = artifacts();
     let tag = format!("probe{}", std::process::id());
     let guest = GuestSpec {
-        boot_args: format!("{} ember.hostname={tag} probe.token={tag}", testbed::TEST_BOOT_ARGS),
+        boot_args: format!(
+            "{} ember.hostname={tag} probe.token={tag}",
+            testbed::TEST_BOOT_ARGS
+        ),
         ..GuestSpec::standard(&art)
     };
     let boot = &boot_all("cmdline", &[guest], 1024)[0];
@@ -84,13 +102,20 @@ fn kernel_command_line_reaches_the_guest() {
         .find_map(|l| l.strip_prefix("ember-init: cmdline: "))
         .unwrap_or_else(|| panic!("no cmdline line:\n{}", boot.stdout));
     assert!(cmdline.contains(&format!("probe.token={tag}")), "{cmdline}");
-    assert_eq!(parse_ready_line(&boot.stdout).map(|r| r.hostname), Some(tag));
+    assert_eq!(
+        parse_ready_line(&boot.stdout).map(|r| r.hostname),
+        Some(tag)
+    );
 }
 
 #[test]
 fn bzimage_boots_like_vmlinux() {
     let art = artifacts();
-    let guest = GuestSpec { kernel: art.bzimage.clone(), vcpus: 2, ..GuestSpec::standard(&art) };
+    let guest = GuestSpec {
+        kernel: art.bzimage.clone(),
+        vcpus: 2,
+        ..GuestSpec::standard(&art)
+    };
     let boot = &boot_all("bzimage", &[guest], 1024)[0];
     assert_eq!(boot.status, 0, "{}\n{}", boot.stdout, boot.stderr);
     let ready = parse_ready_line(&boot.stdout).unwrap_or_else(|| panic!("{}", boot.stdout));

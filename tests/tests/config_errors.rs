@@ -2,6 +2,8 @@
 //! code 2 and one clear line on stderr naming the field or file, and never a panic. These
 //! fail before KVM is touched, so they run on the host itself.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,7 +33,10 @@ impl Scratch {
 fn ember(args: &[&str]) -> (i32, String) {
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
     let out = Command::new(&art.ember).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Runs `ember --no-api --config-file` on `json` and checks the failure.
@@ -40,7 +45,11 @@ fn expect_config_error(name: &str, json: &str, expected: &[&str]) {
     let config = scratch.file("vm.json", json.as_bytes());
     let (code, stderr) = ember(&["--no-api", "--config-file", config.to_str().unwrap()]);
     assert_eq!(code, 2, "{name}: exit code; stderr: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{name}: one line expected: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{name}: one line expected: {stderr}"
+    );
     assert!(stderr.starts_with("ember: "), "{name}: {stderr}");
     assert!(!stderr.contains("panicked"), "{name}: {stderr}");
     for part in expected {
@@ -50,14 +59,19 @@ fn expect_config_error(name: &str, json: &str, expected: &[&str]) {
 
 fn config_with(kernel: &Path, vcpus: i64, mem: i64) -> String {
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let spec = GuestSpec { kernel: kernel.into(), ..GuestSpec::standard(&art) };
+    let spec = GuestSpec {
+        kernel: kernel.into(),
+        ..GuestSpec::standard(&art)
+    };
     spec.config_json()
         .replace("\"vcpu_count\":1", &format!("\"vcpu_count\":{vcpus}"))
         .replace("\"mem_size_mib\":128", &format!("\"mem_size_mib\":{mem}"))
 }
 
 fn vmlinux() -> PathBuf {
-    Artifacts::locate().unwrap_or_else(|e| panic!("{e}")).vmlinux
+    Artifacts::locate()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .vmlinux
 }
 
 #[test]
@@ -65,7 +79,11 @@ fn missing_kernel_is_named() {
     expect_config_error(
         "missing-kernel",
         &config_with(Path::new("/nonexistent/vmlinux"), 1, 128),
-        &["boot-source.kernel_image_path", "/nonexistent/vmlinux", "No such file"],
+        &[
+            "boot-source.kernel_image_path",
+            "/nonexistent/vmlinux",
+            "No such file",
+        ],
     );
 }
 
@@ -89,7 +107,10 @@ fn a_file_that_is_no_kernel_is_named() {
     expect_config_error(
         "not-a-kernel",
         &config_with(&bogus, 1, 128),
-        &["boot-source.kernel_image_path", "neither an ELF vmlinux nor a bzImage"],
+        &[
+            "boot-source.kernel_image_path",
+            "neither an ELF vmlinux nor a bzImage",
+        ],
     );
 }
 
@@ -119,7 +140,10 @@ fn zero_and_absurd_memory_are_refused() {
     expect_config_error(
         "mem-absurd",
         &config_with(&vmlinux(), 1, 1 << 40),
-        &["machine-config.mem_size_mib", "more than this host can back"],
+        &[
+            "machine-config.mem_size_mib",
+            "more than this host can back",
+        ],
     );
 }
 
@@ -127,7 +151,11 @@ fn zero_and_absurd_memory_are_refused() {
 fn unknown_fields_are_named() {
     let good = config_with(&vmlinux(), 1, 128);
     let json = good.replacen("\"vcpu_count\"", "\"vcpus\":2,\"vcpu_count\"", 1);
-    expect_config_error("unknown-field", &json, &["machine-config.vcpus", "unknown field"]);
+    expect_config_error(
+        "unknown-field",
+        &json,
+        &["machine-config.vcpus", "unknown field"],
+    );
     let json = good.replacen('{', "{\"bogus-section\":{},", 1);
     expect_config_error("unknown-section", &json, &["unknown field `bogus-section`"]);
 }
@@ -147,13 +175,20 @@ fn missing_initrd_is_named() {
     let json = config_with(&vmlinux(), 1, 128);
     let art = Artifacts::locate().unwrap();
     let json = json.replace(art.initramfs.to_str().unwrap(), "/nonexistent/initrd.cpio");
-    expect_config_error("missing-initrd", &json, &["boot-source.initrd_path", "/nonexistent/initrd.cpio"]);
+    expect_config_error(
+        "missing-initrd",
+        &json,
+        &["boot-source.initrd_path", "/nonexistent/initrd.cpio"],
+    );
 }
 
 #[test]
 fn sections_not_supported_yet_are_refused_clearly() {
-    let json = config_with(&vmlinux(), 1, 128)
-        .replacen('{', "{\"vsock\":{\"guest_cid\":3,\"uds_path\":\"/tmp/v.sock\"},", 1);
+    let json = config_with(&vmlinux(), 1, 128).replacen(
+        '{',
+        "{\"vsock\":{\"guest_cid\":3,\"uds_path\":\"/tmp/v.sock\"},",
+        1,
+    );
     expect_config_error("vsock", &json, &["vsock", "not supported by this version"]);
 }
 
@@ -161,7 +196,10 @@ fn sections_not_supported_yet_are_refused_clearly() {
 fn missing_config_file_and_flags_are_reported() {
     let (code, stderr) = ember(&["--no-api", "--config-file", "/nonexistent/vm.json"]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("cannot read config file /nonexistent/vm.json"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/vm.json"),
+        "{stderr}"
+    );
     let (code, stderr) = ember(&["--no-api"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--config-file"), "{stderr}");

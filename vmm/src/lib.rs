@@ -25,7 +25,9 @@ use arch::x86_64::mptable::{self, MpTableError};
 use arch::x86_64::regs::{self, RegsError};
 use arch::x86_64::BOOT_TIMER_PORT;
 use devices::bus::lock;
-use devices::legacy::{i8042, serial, BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042};
+use devices::legacy::{
+    i8042, serial, BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042,
+};
 use devices::BusError;
 use vstate::kvm::{self, KvmError, KvmVm};
 use vstate::memory::{self, MemoryError};
@@ -145,12 +147,14 @@ impl Vmm {
         mptable::write(&guest_memory, machine.vcpu_count)?;
         regs::write_boot_structures(&guest_memory)?;
 
-        let mut event_manager =
-            EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let (stop_tx, stop_rx) = channel();
         let exits = ExitWatcher::new(stop_rx)?;
         let reset = EventFdTrigger(exits.reset_evt.try_clone().map_err(eventfd_err("i8042"))?);
-        let stopped_evt = exits.vcpu_evt.try_clone().map_err(eventfd_err("vCPU stops"))?;
+        let stopped_evt = exits
+            .vcpu_evt
+            .try_clone()
+            .map_err(eventfd_err("vCPU stops"))?;
         let exits = Arc::new(Mutex::new(exits));
         event_manager.add_subscriber(exits.clone());
 
@@ -165,7 +169,13 @@ impl Vmm {
                 Ok(vcpu)
             })
             .collect::<Result<Vec<_>, VmmError>>()?;
-        Ok(Self { vcpus, _vm: vm, _guest_memory: guest_memory, event_manager, exits })
+        Ok(Self {
+            vcpus,
+            _vm: vm,
+            _guest_memory: guest_memory,
+            event_manager,
+            exits,
+        })
     }
 
     /// Starts the vCPUs and runs the event loop until the guest stops or a vCPU fails.
@@ -219,16 +229,27 @@ fn legacy_devices(
     let input_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("serial input"))?;
     let console = Arc::new(Mutex::new(SerialConsole::new(
         EventFdTrigger(serial_irq),
-        input_ready.try_clone().map_err(eventfd_err("serial input"))?,
+        input_ready
+            .try_clone()
+            .map_err(eventfd_err("serial input"))?,
         console,
     )));
     buses
         .pio
         .insert(serial::SERIAL_BASE, serial::SERIAL_LEN, console.clone())
         .map_err(|e| VmmError::Bus("the serial console", e))?;
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("the keyboard IRQ"))?;
+    vm.fd
+        .register_irqfd(&kbd_irq, i8042::I8042_KBD_IRQ)
+        .map_err(|e| VmmError::Irqfd("the i8042 keyboard", i8042::I8042_KBD_IRQ, e))?;
+    let i8042 = I8042::new(reset, EventFdTrigger(kbd_irq));
     buses
         .pio
-        .insert(i8042::I8042_BASE, i8042::I8042_LEN, Arc::new(Mutex::new(I8042::new(reset))))
+        .insert(
+            i8042::I8042_BASE,
+            i8042::I8042_LEN,
+            Arc::new(Mutex::new(i8042)),
+        )
         .map_err(|e| VmmError::Bus("the i8042 controller", e))?;
     let timer = BootTimer::new(options.process_start, options.print_boot_time);
     buses

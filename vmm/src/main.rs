@@ -17,7 +17,11 @@ const EXIT_VM_FAILED: u8 = 1;
 const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "ember", version, about = "Ember: a small, fast microVM monitor")]
+#[command(
+    name = "ember",
+    version,
+    about = "Ember: a small, fast microVM monitor"
+)]
 struct Cli {
     /// Firecracker-format JSON configuration (boot-source, machine-config, ...).
     #[arg(long, value_name = "PATH")]
@@ -82,12 +86,14 @@ fn run(cli: &Cli, process_start: Instant) -> Result<VmOutcome, Failure> {
         .config_file
         .as_ref()
         .ok_or_else(|| Failure::Config("--no-api needs --config-file PATH".into()))?;
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Failure::Config(format!("cannot read config file {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Config(format!("cannot read config file {}: {e}", path.display())))?;
     let config = VmConfig::from_json(&text)
         .map_err(|e| Failure::Config(format!("config file {}: {e}", path.display())))?;
-    let options = VmmOptions { process_start, print_boot_time: cli.boot_timer };
+    let options = VmmOptions {
+        process_start,
+        print_boot_time: cli.boot_timer,
+    };
     let vmm = Vmm::build(&config, options, Box::new(std::io::stdout())).map_err(Failure::Vmm)?;
     vmm.run().map_err(Failure::Vmm)
 }

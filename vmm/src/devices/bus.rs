@@ -44,7 +44,10 @@ impl Bus {
         len: u64,
         device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange(base))?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::BadRange(base))?;
         let before = self.slots.range(..end).next_back();
         if before.is_some_and(|(b, slot)| b + slot.len > base) {
             return Err(BusError::Overlap { base, len });
@@ -123,12 +126,22 @@ mod tests {
     #[test]
     fn overlaps_and_empty_ranges_are_refused() {
         let mut bus = Bus::new();
-        bus.insert(0x60, 5, Arc::new(Mutex::new(Recorder::default()))).unwrap();
+        bus.insert(0x60, 5, Arc::new(Mutex::new(Recorder::default())))
+            .unwrap();
         let other = || Arc::new(Mutex::new(Recorder::default()));
-        assert_eq!(bus.insert(0x64, 1, other()), Err(BusError::Overlap { base: 0x64, len: 1 }));
-        assert_eq!(bus.insert(0x5f, 2, other()), Err(BusError::Overlap { base: 0x5f, len: 2 }));
+        assert_eq!(
+            bus.insert(0x64, 1, other()),
+            Err(BusError::Overlap { base: 0x64, len: 1 })
+        );
+        assert_eq!(
+            bus.insert(0x5f, 2, other()),
+            Err(BusError::Overlap { base: 0x5f, len: 2 })
+        );
         assert_eq!(bus.insert(0x70, 0, other()), Err(BusError::BadRange(0x70)));
-        assert_eq!(bus.insert(u64::MAX, 2, other()), Err(BusError::BadRange(u64::MAX)));
+        assert_eq!(
+            bus.insert(u64::MAX, 2, other()),
+            Err(BusError::BadRange(u64::MAX))
+        );
         bus.insert(0x65, 1, other()).unwrap();
         bus.insert(0x5f, 1, other()).unwrap();
     }

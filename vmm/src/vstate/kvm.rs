@@ -1,10 +1,14 @@
 //! Opening `/dev/kvm`, checking what Ember needs of it, and creating the VM with its
 //! in-kernel interrupt controllers and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::arch::x86_64::cpuid::EmulatedFeatures;
 use crate::arch::x86_64::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
 /// The capabilities Ember cannot run without.
@@ -41,7 +45,10 @@ pub enum KvmError {
     #[error("cannot read the CPUID KVM supports: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
     #[error("cannot register guest memory slot {slot} with KVM: {source}")]
-    SetMemoryRegion { slot: u32, source: kvm_ioctls::Error },
+    SetMemoryRegion {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// An opened KVM with a created VM.
@@ -49,6 +56,7 @@ pub struct KvmVm {
     pub kvm: Kvm,
     pub fd: VmFd,
     pub supported_cpuid: CpuId,
+    pub emulated: EmulatedFeatures,
 }
 
 /// Opens KVM and checks its API version and capabilities.
@@ -58,7 +66,10 @@ pub fn open_kvm(vcpus: u8) -> Result<Kvm, KvmError> {
     if version != kvm_bindings::KVM_API_VERSION as i32 {
         return Err(KvmError::ApiVersion(version));
     }
-    if let Some((_, name)) = REQUIRED_CAPS.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
+    if let Some((_, name)) = REQUIRED_CAPS
+        .iter()
+        .find(|(cap, _)| !kvm.check_extension(*cap))
+    {
         return Err(KvmError::MissingCap(name));
     }
     let max = kvm.get_max_vcpus();
@@ -71,15 +82,29 @@ pub fn open_kvm(vcpus: u8) -> Result<Kvm, KvmError> {
 /// Creates the VM: TSS and identity map addresses, irqchip (PIC + IOAPIC), PIT.
 pub fn create_vm(kvm: Kvm) -> Result<KvmVm, KvmError> {
     let fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
-    fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(KvmError::SetTss)?;
-    fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(KvmError::SetIdentityMap)?;
+    fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(KvmError::SetTss)?;
+    fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(KvmError::SetIdentityMap)?;
     fd.create_irq_chip().map_err(KvmError::CreateIrqchip)?;
     // The dummy speaker makes KVM answer port 0x61 itself.
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     fd.create_pit2(pit).map_err(KvmError::CreatePit)?;
-    let supported_cpuid =
-        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(KvmError::SupportedCpuid)?;
-    Ok(KvmVm { kvm, fd, supported_cpuid })
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(KvmError::SupportedCpuid)?;
+    let emulated = EmulatedFeatures {
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
+    Ok(KvmVm {
+        kvm,
+        fd,
+        supported_cpuid,
+        emulated,
+    })
 }
 
 impl KvmVm {
@@ -87,9 +112,12 @@ impl KvmVm {
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|_| KvmError::SetMemoryRegion { slot, source: kvm_ioctls::Error::new(libc::EFAULT) })?;
+            let host = mem.get_host_address(region.start_addr()).map_err(|_| {
+                KvmError::SetMemoryRegion {
+                    slot,
+                    source: kvm_ioctls::Error::new(libc::EFAULT),
+                }
+            })?;
             let descriptor = kvm_userspace_memory_region {
                 slot,
                 guest_phys_addr: region.start_addr().raw_value(),

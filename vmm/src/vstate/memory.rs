@@ -27,9 +27,10 @@ pub fn host_backing_mib() -> Option<u64> {
 /// Refuses a guest larger than this host's RAM and swap: it could never be backed.
 pub fn check_size(mem_size_mib: usize) -> Result<(), MemoryError> {
     match host_backing_mib() {
-        Some(host) if mem_size_mib as u64 > host => {
-            Err(MemoryError::TooLarge { asked: mem_size_mib, host })
-        }
+        Some(host) if mem_size_mib as u64 > host => Err(MemoryError::TooLarge {
+            asked: mem_size_mib,
+            host,
+        }),
         _ => Ok(()),
     }
 }
@@ -38,7 +39,10 @@ pub fn check_size(mem_size_mib: usize) -> Result<(), MemoryError> {
 pub fn create_guest_memory(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryError> {
     check_size(mem_size_mib)?;
     let bytes = (mem_size_mib as u64) << 20;
-    let ranges: Vec<_> = ram_ranges(bytes).into_iter().map(|(a, s)| (a, s as usize)).collect();
+    let ranges: Vec<_> = ram_ranges(bytes)
+        .into_iter()
+        .map(|(a, s)| (a, s as usize))
+        .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Map(mem_size_mib, e))
 }
 
@@ -49,7 +53,9 @@ mod tests {
 
     #[test]
     fn absurd_sizes_are_refused_before_mapping() {
-        let err = create_guest_memory(usize::MAX >> 21).unwrap_err().to_string();
+        let err = create_guest_memory(usize::MAX >> 21)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("machine-config.mem_size_mib:"), "{err}");
     }
 
@@ -57,6 +63,11 @@ mod tests {
     fn memory_has_the_asked_size() {
         let mem = create_guest_memory(64).unwrap();
         assert_eq!(mem.num_regions(), 1);
-        assert_eq!(mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>(), 64 << 20);
+        assert_eq!(
+            mem.iter()
+                .map(vm_memory::GuestMemoryRegion::len)
+                .sum::<u64>(),
+            64 << 20
+        );
     }
 }

@@ -28,7 +28,11 @@ pub enum VcpuError {
     #[error("cannot set the MSRs of vCPU {0}: {1}")]
     SetMsrs(u8, kvm_ioctls::Error),
     #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {index}")]
-    PartialMsrs { index: u8, set: usize, wanted: usize },
+    PartialMsrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
     #[error("cannot set the registers of vCPU {0}: {1}")]
     SetRegs(u8, kvm_ioctls::Error),
     #[error("cannot set the local APIC of vCPU {0}: {1}")]
@@ -73,29 +77,55 @@ impl Vcpu {
         stopped: Sender<(u8, VcpuStop)>,
         stopped_evt: EventFd,
     ) -> Result<Self, VcpuError> {
-        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|e| VcpuError::Create(index, e))?;
-        Ok(Self { index, fd, buses, stopped, stopped_evt })
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Create(index, e))?;
+        Ok(Self {
+            index,
+            fd,
+            buses,
+            stopped,
+            stopped_evt,
+        })
     }
 
     /// Sets CPUID, MSRs, registers, FPU and LAPIC wiring for a 64-bit Linux entry.
     pub fn configure(&self, vm: &KvmVm, entry: GuestAddress, count: u8) -> Result<(), VcpuError> {
         let i = self.index;
-        let cpuid = cpuid::vcpu_cpuid(&vm.supported_cpuid, i, count)
+        let cpuid = cpuid::vcpu_cpuid(&vm.supported_cpuid, i, count, vm.emulated)
             .map_err(|e| VcpuError::BuildCpuid(i, e))?;
-        self.fd.set_cpuid2(&cpuid).map_err(|e| VcpuError::SetCpuid(i, e))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| VcpuError::SetCpuid(i, e))?;
         let msrs = msr::boot_msrs().map_err(|e| VcpuError::BuildMsrs(i, e))?;
-        let set = self.fd.set_msrs(&msrs).map_err(|e| VcpuError::SetMsrs(i, e))?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| VcpuError::SetMsrs(i, e))?;
         let wanted = msrs.as_slice().len();
         if set != wanted {
-            return Err(VcpuError::PartialMsrs { index: i, set, wanted });
+            return Err(VcpuError::PartialMsrs {
+                index: i,
+                set,
+                wanted,
+            });
         }
-        self.fd.set_regs(&regs::boot_regs(entry)).map_err(|e| VcpuError::SetRegs(i, e))?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(|e| VcpuError::SetRegs(i, e))?;
         let sregs = self.fd.get_sregs().map_err(|e| VcpuError::SetRegs(i, e))?;
-        self.fd.set_sregs(&regs::boot_sregs(sregs)).map_err(|e| VcpuError::SetRegs(i, e))?;
-        self.fd.set_fpu(&regs::boot_fpu()).map_err(|e| VcpuError::SetRegs(i, e))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs))
+            .map_err(|e| VcpuError::SetRegs(i, e))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(|e| VcpuError::SetRegs(i, e))?;
         let mut lapic = self.fd.get_lapic().map_err(|e| VcpuError::SetLapic(i, e))?;
         regs::wire_lapic_lints(&mut lapic);
-        self.fd.set_lapic(&lapic).map_err(|e| VcpuError::SetLapic(i, e))?;
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| VcpuError::SetLapic(i, e))?;
         Ok(())
     }
 
@@ -149,10 +179,16 @@ impl Vcpu {
             Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => Some(VcpuStop::Reset),
-                KVM_SYSTEM_EVENT_CRASH => Some(VcpuStop::Failed("the guest reported a crash".into())),
-                other => Some(VcpuStop::Failed(format!("unknown KVM system event {other}"))),
+                KVM_SYSTEM_EVENT_CRASH => {
+                    Some(VcpuStop::Failed("the guest reported a crash".into()))
+                }
+                other => Some(VcpuStop::Failed(format!(
+                    "unknown KVM system event {other}"
+                ))),
             },
-            Ok(VcpuExit::Hlt) => Some(VcpuStop::Failed("the guest halted with interrupts off".into())),
+            Ok(VcpuExit::Hlt) => Some(VcpuStop::Failed(
+                "the guest halted with interrupts off".into(),
+            )),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VcpuStop::Failed(format!(
                 "KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
             ))),

@@ -9,13 +9,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader};
-use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{
-    ram_ranges, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START,
-};
+use super::{ram_ranges, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START};
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -83,7 +79,10 @@ pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, BootError> {
     if n >= 4 && head[..4] == *b"\x7fELF" {
         return Ok(KernelFormat::Elf);
     }
-    if n == head.len() && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == SETUP_HEADER_MAGIC {
+    if n == head.len()
+        && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]])
+            == SETUP_HEADER_MAGIC
+    {
         return Ok(KernelFormat::BzImage);
     }
     Err(BootError::UnknownKernelFormat(path.into()))
@@ -139,7 +138,10 @@ pub fn load_initrd(
     kernel_end: GuestAddress,
 ) -> Result<LoadedInitrd, BootError> {
     let (mut file, size) = open_initrd(path)?;
-    let too_large = || BootError::InitrdTooLarge { path: path.into(), size };
+    let too_large = || BootError::InitrdTooLarge {
+        path: path.into(),
+        size,
+    };
     let low_ram_end = mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1;
     let address = low_ram_end.checked_sub(size).ok_or_else(too_large)? & !(PAGE_SIZE - 1);
     if address < kernel_end.raw_value() {
@@ -148,7 +150,10 @@ pub fn load_initrd(
     let count = usize::try_from(size).map_err(|_| too_large())?;
     mem.read_exact_volatile_from(GuestAddress(address), &mut file, count)
         .map_err(|e| BootError::ReadInitrd(path.into(), e))?;
-    Ok(LoadedInitrd { address: GuestAddress(address), size })
+    Ok(LoadedInitrd {
+        address: GuestAddress(address),
+        size,
+    })
 }
 
 /// Writes the command line at [`CMDLINE_START`] and returns its length without the NUL.
@@ -225,7 +230,9 @@ pub fn write_zero_page(
 /// Reads back the zero page (used by tests).
 #[cfg(test)]
 fn read_zero_page(mem: &GuestMemoryMmap) -> boot_params {
-    mem.read_obj::<ZeroPage>(GuestAddress(ZERO_PAGE_START)).unwrap().0
+    mem.read_obj::<ZeroPage>(GuestAddress(ZERO_PAGE_START))
+        .unwrap()
+        .0
 }
 
 #[cfg(test)]
@@ -234,8 +241,10 @@ mod tests {
     use std::io::Write;
 
     fn guest(size: u64) -> GuestMemoryMmap {
-        let ranges: Vec<_> =
-            ram_ranges(size).into_iter().map(|(a, s)| (a, s as usize)).collect();
+        let ranges: Vec<_> = ram_ranges(size)
+            .into_iter()
+            .map(|(a, s)| (a, s as usize))
+            .collect();
         GuestMemoryMmap::from_ranges(&ranges).unwrap()
     }
 
@@ -249,22 +258,34 @@ mod tests {
     fn e820_covers_ram_and_skips_holes() {
         let map = e820_map(128 << 20);
         assert_eq!(map.len(), 3);
-        let ram: u64 = map.iter().filter(|e| e.r#type == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.r#type == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, (128 << 20) - (HIMEM_START - EBDA_START));
         let big = e820_map(8 << 30);
         assert_eq!(big.len(), 4);
         let last = big[3];
         assert_eq!({ last.addr }, super::super::MMIO_GAP_END);
-        assert!(big.iter().all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= 1 << 32));
+        assert!(big
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= 1 << 32));
     }
 
     #[test]
     fn garbage_is_not_a_kernel() {
         let path = temp_file("garbage", b"this is not a kernel");
         let err = detect_kernel_format(&path).unwrap_err().to_string();
-        assert!(err.contains("neither an ELF vmlinux nor a bzImage"), "{err}");
+        assert!(
+            err.contains("neither an ELF vmlinux nor a bzImage"),
+            "{err}"
+        );
         let empty = temp_file("empty", b"");
-        assert!(matches!(detect_kernel_format(&empty), Err(BootError::UnknownKernelFormat(_))));
+        assert!(matches!(
+            detect_kernel_format(&empty),
+            Err(BootError::UnknownKernelFormat(_))
+        ));
     }
 
     #[test]
@@ -294,7 +315,10 @@ mod tests {
             end: GuestAddress(HIMEM_START),
             setup_header: None,
         };
-        let initrd = LoadedInitrd { address: GuestAddress(0x400_0000), size: 1234 };
+        let initrd = LoadedInitrd {
+            address: GuestAddress(0x400_0000),
+            size: 1234,
+        };
         write_zero_page(&mem, 128 << 20, &kernel, len, Some(initrd)).unwrap();
         let p = read_zero_page(&mem);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
@@ -303,7 +327,8 @@ mod tests {
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!(p.e820_entries, 3);
         let mut text = vec![0u8; len];
-        mem.read_slice(&mut text, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut text, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(text, b"console=ttyS0 quiet");
     }
 }

@@ -14,6 +14,7 @@ const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
+const FEAT_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const FEAT_ECX_HYPERVISOR: u32 = 1 << 31;
 const FEAT_EDX_HTT: u32 = 1 << 28;
 const EXT_ECX_CMP_LEGACY: u32 = 1 << 1;
@@ -34,7 +35,9 @@ pub enum Vendor {
 /// Reads the vendor string from leaf 0.
 pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
     match entries.iter().find(|e| e.function == LEAF_VENDOR) {
-        Some(e) if [e.ebx, e.edx, e.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e] => Vendor::Intel,
+        Some(e) if [e.ebx, e.edx, e.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e] => {
+            Vendor::Intel
+        }
         Some(e) if [e.ebx, e.edx, e.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163] => Vendor::Amd,
         _ => Vendor::Other,
     }
@@ -45,8 +48,21 @@ fn id_bits(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
+/// What KVM offers beyond `KVM_GET_SUPPORTED_CPUID`, which leaves out features it emulates.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmulatedFeatures {
+    /// The LAPIC TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`): cheaper than the
+    /// one-shot APIC timer for a tickless guest.
+    pub tsc_deadline: bool,
+}
+
 /// Fixes up the host-supported entries for vCPU `index` of `count`.
-pub fn fix_entries(entries: &mut Vec<kvm_cpuid_entry2>, index: u8, count: u8) {
+pub fn fix_entries(
+    entries: &mut Vec<kvm_cpuid_entry2>,
+    index: u8,
+    count: u8,
+    emulated: EmulatedFeatures,
+) {
     let vendor = vendor(entries);
     let apic_id = u32::from(index);
     let count32 = u32::from(count);
@@ -56,6 +72,9 @@ pub fn fix_entries(entries: &mut Vec<kvm_cpuid_entry2>, index: u8, count: u8) {
                 // EBX: initial APIC id [31:24], logical processors [23:16], CLFLUSH 64 bytes.
                 e.ebx = (apic_id << 24) | (count32 << 16) | (8 << 8);
                 e.ecx |= FEAT_ECX_HYPERVISOR;
+                if emulated.tsc_deadline {
+                    e.ecx |= FEAT_ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     e.edx |= FEAT_EDX_HTT;
                 } else {
@@ -136,9 +155,10 @@ pub fn vcpu_cpuid(
     supported: &CpuId,
     index: u8,
     count: u8,
+    emulated: EmulatedFeatures,
 ) -> Result<CpuId, vmm_sys_util::fam::Error> {
     let mut entries = supported.as_slice().to_vec();
-    fix_entries(&mut entries, index, count);
+    fix_entries(&mut entries, index, count, emulated);
     CpuId::from_entries(&entries)
 }
 
@@ -147,7 +167,11 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     fn intel() -> Vec<kvm_cpuid_entry2> {
@@ -157,17 +181,43 @@ mod tests {
         l2.eax = 2 << 5 | 0x3;
         let mut l3 = leaf(LEAF_CACHE_PARAMS, 3);
         l3.eax = 3 << 5 | 0x3;
-        vec![v, leaf(LEAF_FEATURES, 0), l2, l3, leaf(LEAF_TOPOLOGY, 0), leaf(LEAF_TOPOLOGY, 1), leaf(LEAF_TOPOLOGY, 2)]
+        vec![
+            v,
+            leaf(LEAF_FEATURES, 0),
+            l2,
+            l3,
+            leaf(LEAF_TOPOLOGY, 0),
+            leaf(LEAF_TOPOLOGY, 1),
+            leaf(LEAF_TOPOLOGY, 2),
+        ]
     }
 
     fn amd() -> Vec<kvm_cpuid_entry2> {
         let mut v = leaf(LEAF_VENDOR, 0);
         [v.ebx, v.edx, v.ecx] = [0x6874_7541, 0x6974_6e65, 0x444d_4163];
-        vec![v, leaf(LEAF_FEATURES, 0), leaf(LEAF_EXT_FEATURES, 0), leaf(LEAF_AMD_SIZE_IDS, 0), leaf(LEAF_AMD_EXT_APIC_ID, 0)]
+        vec![
+            v,
+            leaf(LEAF_FEATURES, 0),
+            leaf(LEAF_EXT_FEATURES, 0),
+            leaf(LEAF_AMD_SIZE_IDS, 0),
+            leaf(LEAF_AMD_EXT_APIC_ID, 0),
+        ]
     }
 
     fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *entries.iter().find(|e| e.function == function && e.index == index).unwrap()
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_only_when_kvm_emulates_it() {
+        let mut e = intel();
+        fix_entries(&mut e, 0, 1, EmulatedFeatures::default());
+        assert_eq!(find(&e, LEAF_FEATURES, 0).ecx & FEAT_ECX_TSC_DEADLINE, 0);
+        fix_entries(&mut e, 0, 1, EmulatedFeatures { tsc_deadline: true });
+        assert_ne!(find(&e, LEAF_FEATURES, 0).ecx & FEAT_ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
@@ -180,28 +230,34 @@ mod tests {
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
         let mut e = intel();
-        fix_entries(&mut e, 3, 4);
+        fix_entries(&mut e, 3, 4, EmulatedFeatures::default());
         let l1 = find(&e, LEAF_FEATURES, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_ne!(l1.ecx & FEAT_ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & FEAT_EDX_HTT, 0);
         let mut single = intel();
-        fix_entries(&mut single, 0, 1);
+        fix_entries(&mut single, 0, 1, EmulatedFeatures::default());
         assert_eq!(find(&single, LEAF_FEATURES, 0).edx & FEAT_EDX_HTT, 0);
     }
 
     #[test]
     fn intel_cache_and_topology_leaves_match_core_count() {
         let mut e = intel();
-        fix_entries(&mut e, 2, 6);
+        fix_entries(&mut e, 2, 6, EmulatedFeatures::default());
         assert_eq!(find(&e, LEAF_CACHE_PARAMS, 2).eax >> 26, 5);
         assert_eq!((find(&e, LEAF_CACHE_PARAMS, 2).eax >> 14) & 0xfff, 0);
         assert_eq!((find(&e, LEAF_CACHE_PARAMS, 3).eax >> 14) & 0xfff, 5);
         let smt = find(&e, LEAF_TOPOLOGY, 0);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, LEVEL_TYPE_SMT, 2));
+        assert_eq!(
+            (smt.eax, smt.ebx, smt.ecx >> 8, smt.edx),
+            (0, 1, LEVEL_TYPE_SMT, 2)
+        );
         let core = find(&e, LEAF_TOPOLOGY, 1);
-        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 6, LEVEL_TYPE_CORE, 2));
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx >> 8, core.edx),
+            (3, 6, LEVEL_TYPE_CORE, 2)
+        );
         let past = find(&e, LEAF_TOPOLOGY, 2);
         assert_eq!((past.ebx, past.ecx >> 8), (0, 0));
     }
@@ -209,7 +265,7 @@ mod tests {
     #[test]
     fn amd_leaves_count_cores() {
         let mut e = amd();
-        fix_entries(&mut e, 1, 4);
+        fix_entries(&mut e, 1, 4, EmulatedFeatures::default());
         assert_ne!(find(&e, LEAF_EXT_FEATURES, 0).ecx & EXT_ECX_CMP_LEGACY, 0);
         let sizes = find(&e, LEAF_AMD_SIZE_IDS, 0);
         assert_eq!((sizes.ecx & 0xff, (sizes.ecx >> 12) & 0xf), (3, 2));
@@ -219,7 +275,7 @@ mod tests {
     #[test]
     fn hypervisor_leaf_is_added_or_fixed() {
         let mut e = amd();
-        fix_entries(&mut e, 0, 1);
+        fix_entries(&mut e, 0, 1, EmulatedFeatures::default());
         let h = find(&e, LEAF_HYPERVISOR, 0);
         assert_eq!([h.ebx, h.ecx, h.edx], KVM_SIGNATURE);
         let bytes: Vec<u8> = KVM_SIGNATURE.iter().flat_map(|r| r.to_le_bytes()).collect();
@@ -228,6 +284,16 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up() {
-        assert_eq!([id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5), id_bits(32)], [0, 1, 2, 2, 3, 5]);
+        assert_eq!(
+            [
+                id_bits(1),
+                id_bits(2),
+                id_bits(3),
+                id_bits(4),
+                id_bits(5),
+                id_bits(32)
+            ],
+            [0, 1, 2, 2, 3, 5]
+        );
     }
 }

@@ -78,7 +78,10 @@ mod tests {
     #[test]
     fn small_guest_has_one_range() {
         assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
-        assert_eq!(ram_ranges(MMIO_GAP_START), vec![(GuestAddress(0), MMIO_GAP_START)]);
+        assert_eq!(
+            ram_ranges(MMIO_GAP_START),
+            vec![(GuestAddress(0), MMIO_GAP_START)]
+        );
     }
 
     #[test]
@@ -104,10 +107,13 @@ mod tests {
         ];
         for (i, a) in regions.iter().enumerate() {
             for b in &regions[i + 1..] {
-                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
             }
             assert!(a.0 + a.1 <= HIMEM_START);
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 4096);
+        const { assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 4096) };
     }
 }

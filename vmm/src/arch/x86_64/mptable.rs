@@ -73,7 +73,16 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     for pin in 0..IOAPIC_PINS {
         // Type, polarity/trigger "conforms to bus" (0), source bus 0 IRQ `pin` -> IOAPIC pin.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
     }
     // LINT0 of every local APIC takes ExtINT from the PIC; LINT1 takes NMI.
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);
@@ -107,7 +116,8 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
 /// Writes the table for `cpus` processors at the start of the EBDA.
 pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MpTableError> {
     let table = build(cpus, EBDA_START)?;
-    mem.write_slice(&table, GuestAddress(EBDA_START)).map_err(MpTableError::Write)
+    mem.write_slice(&table, GuestAddress(EBDA_START))
+        .map_err(MpTableError::Write)
 }
 
 #[cfg(test)]
@@ -140,7 +150,15 @@ mod tests {
         let count = u16::from_le_bytes(t[16 + 34..16 + 36].try_into().unwrap());
         assert_eq!(count, 4 + 2 + 24 + 2);
         // First processor entry is the enabled bootstrap CPU with APIC id 0.
-        assert_eq!(&t[60..64], &[ENTRY_PROCESSOR, 0, APIC_VERSION, CPU_ENABLED | CPU_BOOTSTRAP]);
+        assert_eq!(
+            &t[60..64],
+            &[
+                ENTRY_PROCESSOR,
+                0,
+                APIC_VERSION,
+                CPU_ENABLED | CPU_BOOTSTRAP
+            ]
+        );
         assert_eq!(&t[80..84], &[ENTRY_PROCESSOR, 1, APIC_VERSION, CPU_ENABLED]);
     }
 
@@ -148,7 +166,10 @@ mod tests {
     fn thirty_two_cpus_fit_in_the_ebda_and_more_do_not() {
         assert!(max_cpus() >= 32);
         assert!(table_len(32) as u64 <= LOW_MEM_END - EBDA_START);
-        assert!(matches!(build(0, EBDA_START), Err(MpTableError::TooManyCpus(0))));
+        assert!(matches!(
+            build(0, EBDA_START),
+            Err(MpTableError::TooManyCpus(0))
+        ));
         let too_many = u8::try_from(max_cpus() + 1).unwrap();
         assert!(build(too_many, EBDA_START).is_err());
     }
@@ -158,7 +179,8 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write(&mem, 2).unwrap();
         let mut magic = [0u8; 4];
-        mem.read_slice(&mut magic, GuestAddress(EBDA_START)).unwrap();
+        mem.read_slice(&mut magic, GuestAddress(EBDA_START))
+            .unwrap();
         assert_eq!(&magic, b"_MP_");
     }
 }

@@ -21,7 +21,11 @@ const MTRR_TYPE_WRITE_BACK: u64 = 6;
 
 /// The MSR entries written to each vCPU before it first runs.
 pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
-    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     vec![
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),

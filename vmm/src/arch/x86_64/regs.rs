@@ -50,7 +50,11 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let granular = bit(55) == 1;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular { (limit << 12) | 0xfff } else { limit },
+        limit: if granular {
+            (limit << 12) | 0xfff
+        } else {
+            limit
+        },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: bit(47),
@@ -71,7 +75,8 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
         mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64))
             .map_err(RegsError::WriteGdt)?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_START)).map_err(RegsError::WriteIdt)?;
+    mem.write_obj(0u64, GuestAddress(IDT_START))
+        .map_err(RegsError::WriteIdt)?;
     mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
         .map_err(RegsError::WritePageTables)?;
     mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
@@ -121,7 +126,11 @@ pub fn boot_regs(entry: GuestAddress) -> kvm_regs {
 
 /// FPU state after reset: x87 control word and MXCSR defaults.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -156,7 +165,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {
         let code = segment_from_gdt(GDT[1], 1);
-        assert_eq!((code.selector, code.l, code.db, code.present, code.s), (8, 1, 0, 1, 1));
+        assert_eq!(
+            (code.selector, code.l, code.db, code.present, code.s),
+            (8, 1, 0, 1, 1)
+        );
         assert_eq!((code.base, code.limit, code.type_), (0, 0xffff_ffff, 0xb));
         let data = segment_from_gdt(GDT[2], 2);
         assert_eq!((data.selector, data.db, data.l, data.type_), (16, 1, 0, 3));

@@ -21,7 +21,11 @@ pub struct BootTimer {
 impl BootTimer {
     /// `print`: whether to write the figure to stderr (`--boot-timer`).
     pub fn new(process_start: Instant, print: bool) -> Self {
-        Self { process_start, reported: None, print }
+        Self {
+            process_start,
+            reported: None,
+            print,
+        }
     }
 
     /// The boot time, once the guest has reported it.

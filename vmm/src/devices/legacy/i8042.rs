@@ -1,7 +1,15 @@
-//! The i8042 keyboard controller on ports 0x60 and 0x64, through vm-superio. Ember uses it
-//! for what `reboot=k` needs: the guest's CPU-reset command ends the VM.
+//! The i8042 keyboard controller on ports 0x60 (data) and 0x64 (status/command), with an AT
+//! keyboard behind it.
+//!
+//! vm-superio's `I8042Device` only implements the CPU-reset command and reads back zero,
+//! which makes Linux's i8042 driver wait out its command timeouts (about a second of every
+//! boot) before giving up. This device answers the controller and keyboard commands Linux
+//! sends at probe time, so the driver binds at once; the reset command ends the VM
+//! (`reboot=k`), and [`I8042::ctrl_alt_del`] types Ctrl-Alt-Del for a clean guest shutdown.
 
-use vm_superio::I8042Device;
+use std::collections::VecDeque;
+
+use vm_superio::Trigger;
 
 use super::EventFdTrigger;
 use crate::devices::BusDevice;
@@ -9,32 +17,217 @@ use crate::devices::BusDevice;
 /// The controller's port range starts at 0x60; the command port is 0x64 (offset 4).
 pub const I8042_BASE: u64 = 0x60;
 pub const I8042_LEN: u64 = 5;
+/// The keyboard's ISA interrupt line.
+pub const I8042_KBD_IRQ: u32 = 1;
 
-/// i8042 behind the bus interface.
+const DATA_OFFSET: u64 = 0;
+const COMMAND_OFFSET: u64 = 4;
+
+// Status register bits.
+const SB_OUT_FULL: u8 = 0x01;
+const SB_SYSTEM_FLAG: u8 = 0x04;
+const SB_LAST_WAS_COMMAND: u8 = 0x08;
+const SB_KBD_NOT_INHIBITED: u8 = 0x10;
+
+// Control register ("command byte") bits.
+const CB_KBD_INT: u8 = 0x01;
+const CB_SYSTEM_FLAG: u8 = 0x04;
+const CB_KBD_DISABLED: u8 = 0x10;
+const CB_AUX_DISABLED: u8 = 0x20;
+const CB_TRANSLATE: u8 = 0x40;
+
+// Controller commands (port 0x64).
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_DISABLE_AUX: u8 = 0xa7;
+const CMD_ENABLE_AUX: u8 = 0xa8;
+const CMD_TEST_AUX: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_TEST_KBD: u8 = 0xab;
+const CMD_DISABLE_KBD: u8 = 0xad;
+const CMD_ENABLE_KBD: u8 = 0xae;
+const CMD_READ_OUTPORT: u8 = 0xd0;
+const CMD_WRITE_OUTPORT: u8 = 0xd1;
+const CMD_WRITE_KBD_OUTBUF: u8 = 0xd2;
+const CMD_RESET_CPU: u8 = 0xfe;
+
+// Keyboard commands (port 0x60) and replies.
+const KBD_SET_LEDS: u8 = 0xed;
+const KBD_ECHO: u8 = 0xee;
+const KBD_SCANCODE_SET: u8 = 0xf0;
+const KBD_GET_ID: u8 = 0xf2;
+const KBD_SET_RATE: u8 = 0xf3;
+const KBD_RESET: u8 = 0xff;
+const KBD_ACK: u8 = 0xfa;
+const KBD_SELF_TEST_OK: u8 = 0xaa;
+const KBD_ID: [u8; 2] = [0xab, 0x83];
+
+const SELF_TEST_OK: u8 = 0x55;
+const INTERFACE_TEST_OK: u8 = 0x00;
+/// Output port: A20 enabled, not in reset.
+const OUTPORT_DEFAULT: u8 = 0x03;
+/// No aux (mouse) port: its interface test reports "clock line stuck low".
+const AUX_ABSENT: u8 = 0x01;
+/// Bytes the output buffer holds before further ones are dropped.
+const OUTPUT_CAPACITY: usize = 16;
+
+/// Ctrl, Alt, Delete pressed, then Delete, Alt, Ctrl released, in scancode set 2.
+const CTRL_ALT_DEL: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
+
+/// What the next byte written to the data port means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    ControlByte,
+    OutputPort,
+    KbdOutputBuffer,
+    KbdParameter,
+}
+
+/// The controller and its keyboard.
 pub struct I8042 {
-    device: I8042Device<EventFdTrigger>,
+    reset: EventFdTrigger,
+    kbd_irq: EventFdTrigger,
+    control: u8,
+    status_flags: u8,
+    outport: u8,
+    output: VecDeque<u8>,
+    pending: Pending,
 }
 
 impl I8042 {
-    /// `reset`: fired when the guest asks for a CPU reset.
-    pub fn new(reset: EventFdTrigger) -> Self {
-        Self { device: I8042Device::new(reset) }
+    /// `reset`: fired on the CPU-reset command; `kbd_irq`: the irqfd of IRQ 1.
+    pub fn new(reset: EventFdTrigger, kbd_irq: EventFdTrigger) -> Self {
+        Self {
+            reset,
+            kbd_irq,
+            control: CB_KBD_INT | CB_SYSTEM_FLAG | CB_AUX_DISABLED | CB_TRANSLATE,
+            status_flags: SB_SYSTEM_FLAG | SB_KBD_NOT_INHIBITED,
+            outport: OUTPORT_DEFAULT,
+            output: VecDeque::with_capacity(OUTPUT_CAPACITY),
+            pending: Pending::None,
+        }
+    }
+
+    /// Types Ctrl-Alt-Del; Linux passes it to init as SIGINT.
+    pub fn ctrl_alt_del(&mut self) {
+        for code in CTRL_ALT_DEL {
+            self.push_output(code);
+        }
+    }
+
+    fn status(&self) -> u8 {
+        let full = if self.output.is_empty() {
+            0
+        } else {
+            SB_OUT_FULL
+        };
+        self.status_flags | full
+    }
+
+    /// Queues a byte for the guest and raises IRQ 1 if the guest enabled it.
+    fn push_output(&mut self, byte: u8) {
+        if self.output.len() >= OUTPUT_CAPACITY {
+            return;
+        }
+        self.output.push_back(byte);
+        self.raise_irq();
+    }
+
+    fn raise_irq(&self) {
+        if self.control & CB_KBD_INT != 0 && self.control & CB_KBD_DISABLED == 0 {
+            // A lost edge only delays the byte until the guest next polls the status.
+            let _ = self.kbd_irq.trigger();
+        }
+    }
+
+    fn read_data(&mut self) -> u8 {
+        let byte = self.output.pop_front().unwrap_or(0);
+        if !self.output.is_empty() {
+            self.raise_irq();
+        }
+        byte
+    }
+
+    fn write_command(&mut self, command: u8) {
+        self.status_flags |= SB_LAST_WAS_COMMAND;
+        self.pending = Pending::None;
+        match command {
+            CMD_READ_CTR => self.push_output(self.control),
+            CMD_WRITE_CTR => self.pending = Pending::ControlByte,
+            CMD_DISABLE_AUX => self.control |= CB_AUX_DISABLED,
+            CMD_ENABLE_AUX => self.control &= !CB_AUX_DISABLED,
+            CMD_TEST_AUX => self.push_output(AUX_ABSENT),
+            CMD_SELF_TEST => self.push_output(SELF_TEST_OK),
+            CMD_TEST_KBD => self.push_output(INTERFACE_TEST_OK),
+            CMD_DISABLE_KBD => self.control |= CB_KBD_DISABLED,
+            CMD_ENABLE_KBD => self.control &= !CB_KBD_DISABLED,
+            CMD_READ_OUTPORT => self.push_output(self.outport),
+            CMD_WRITE_OUTPORT => self.pending = Pending::OutputPort,
+            CMD_WRITE_KBD_OUTBUF => self.pending = Pending::KbdOutputBuffer,
+            CMD_RESET_CPU => {
+                // A lost reset notification leaves the guest spinning in its reboot loop,
+                // which retries the command.
+                let _ = self.reset.trigger();
+            }
+            _ => {}
+        }
+    }
+
+    fn write_data(&mut self, byte: u8) {
+        self.status_flags &= !SB_LAST_WAS_COMMAND;
+        match std::mem::replace(&mut self.pending, Pending::None) {
+            Pending::ControlByte => {
+                self.control = byte;
+                self.status_flags = (self.status_flags & !SB_SYSTEM_FLAG) | (byte & CB_SYSTEM_FLAG);
+            }
+            Pending::OutputPort => self.outport = byte,
+            Pending::KbdOutputBuffer => self.push_output(byte),
+            Pending::KbdParameter => self.push_output(KBD_ACK),
+            Pending::None => self.keyboard_command(byte),
+        }
+    }
+
+    /// Commands for the keyboard itself, which answers through the output buffer.
+    fn keyboard_command(&mut self, command: u8) {
+        match command {
+            KBD_RESET => {
+                self.push_output(KBD_ACK);
+                self.push_output(KBD_SELF_TEST_OK);
+            }
+            KBD_GET_ID => {
+                self.push_output(KBD_ACK);
+                KBD_ID.iter().for_each(|b| self.push_output(*b));
+            }
+            KBD_ECHO => self.push_output(KBD_ECHO),
+            KBD_SET_LEDS | KBD_SCANCODE_SET | KBD_SET_RATE => {
+                self.push_output(KBD_ACK);
+                self.pending = Pending::KbdParameter;
+            }
+            _ => self.push_output(KBD_ACK),
+        }
     }
 }
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let value = u8::try_from(offset).map_or(0xff, |o| self.device.read(o));
+        let value = match offset {
+            DATA_OFFSET => self.read_data(),
+            COMMAND_OFFSET => self.status(),
+            _ => 0xff,
+        };
         data.fill(value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Ok(offset), [value]) = (u8::try_from(offset), data) else {
-            return;
-        };
-        // A failed reset notification leaves nothing to recover: the eventfd counter cannot
-        // overflow from guest writes in practice, and the guest can simply ask again.
-        let _ = self.device.write(offset, *value);
+        let [value] = data else { return };
+        match offset {
+            DATA_OFFSET => self.write_data(*value),
+            COMMAND_OFFSET => self.write_command(*value),
+            _ => {}
+        }
     }
 }
 
@@ -43,14 +236,114 @@ mod tests {
     use super::*;
     use vmm_sys_util::eventfd::EventFd;
 
+    struct Rig {
+        dev: I8042,
+        reset: EventFd,
+        irq: EventFd,
+    }
+
+    fn rig() -> Rig {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = I8042::new(
+            EventFdTrigger(reset.try_clone().unwrap()),
+            EventFdTrigger(irq.try_clone().unwrap()),
+        );
+        Rig { dev, reset, irq }
+    }
+
+    impl Rig {
+        fn command(&mut self, c: u8) {
+            self.dev.write(COMMAND_OFFSET, &[c]);
+        }
+        fn data(&mut self, d: u8) {
+            self.dev.write(DATA_OFFSET, &[d]);
+        }
+        fn status(&mut self) -> u8 {
+            let mut b = [0];
+            self.dev.read(COMMAND_OFFSET, &mut b);
+            b[0]
+        }
+        fn read_all(&mut self) -> Vec<u8> {
+            let mut out = Vec::new();
+            while self.status() & SB_OUT_FULL != 0 {
+                let mut b = [0];
+                self.dev.read(DATA_OFFSET, &mut b);
+                out.push(b[0]);
+            }
+            out
+        }
+    }
+
     #[test]
-    fn reset_command_fires_the_event() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = I8042::new(EventFdTrigger(evt.try_clone().unwrap()));
-        dev.write(4, &[0x01]);
-        assert!(evt.read().is_err(), "no reset for other commands");
-        dev.write(4, &[0x01, 0x02]);
-        dev.write(4, &[0xfe]);
-        assert_eq!(evt.read().unwrap(), 1);
+    fn linux_probe_sequence_gets_answers() {
+        let mut r = rig();
+        assert_eq!(r.read_all(), Vec::<u8>::new(), "flush finds nothing");
+        r.command(CMD_READ_CTR);
+        let ctr = r.read_all();
+        assert_eq!(ctr.len(), 1);
+        r.command(CMD_WRITE_CTR);
+        r.data(ctr[0] & !CB_KBD_INT);
+        r.command(CMD_READ_CTR);
+        assert_eq!(r.read_all(), vec![ctr[0] & !CB_KBD_INT]);
+        r.command(CMD_SELF_TEST);
+        assert_eq!(r.read_all(), vec![SELF_TEST_OK]);
+        r.command(CMD_TEST_KBD);
+        assert_eq!(r.read_all(), vec![INTERFACE_TEST_OK]);
+        assert!(r.reset.read().is_err(), "no reset during probe");
+    }
+
+    #[test]
+    fn keyboard_answers_reset_id_and_parameters() {
+        let mut r = rig();
+        r.data(KBD_RESET);
+        assert_eq!(r.read_all(), vec![KBD_ACK, KBD_SELF_TEST_OK]);
+        r.data(KBD_GET_ID);
+        assert_eq!(r.read_all(), vec![KBD_ACK, 0xab, 0x83]);
+        r.data(KBD_SET_LEDS);
+        r.data(0x07);
+        assert_eq!(r.read_all(), vec![KBD_ACK, KBD_ACK]);
+        assert!(r.irq.read().unwrap() > 0, "output raised IRQ 1");
+    }
+
+    #[test]
+    fn no_irq_when_the_guest_disabled_it() {
+        let mut r = rig();
+        r.command(CMD_WRITE_CTR);
+        r.data(CB_SYSTEM_FLAG);
+        r.data(KBD_ECHO);
+        assert!(r.irq.read().is_err());
+        assert_eq!(r.read_all(), vec![KBD_ECHO]);
+    }
+
+    #[test]
+    fn reset_command_fires_the_reset_event() {
+        let mut r = rig();
+        r.command(CMD_RESET_CPU);
+        assert_eq!(r.reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_typed_and_bounded() {
+        let mut r = rig();
+        r.dev.ctrl_alt_del();
+        let typed = r.read_all();
+        assert_eq!(&typed[..4], &[0x14, 0x11, 0xe0, 0x71]);
+        assert_eq!(typed.len(), 11);
+        for _ in 0..10 {
+            r.dev.ctrl_alt_del();
+        }
+        assert_eq!(r.read_all().len(), OUTPUT_CAPACITY);
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let mut r = rig();
+        r.dev.write(DATA_OFFSET, &[1, 2]);
+        r.dev.write(2, &[0xfe]);
+        let mut b = [0u8; 2];
+        r.dev.read(3, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        assert!(r.reset.read().is_err());
     }
 }

@@ -1,5 +1,5 @@
-//! Legacy PC devices on port I/O: the 8250 UART console, the i8042 controller (for guest
-//! resets) and Ember's boot timer port.
+//! Legacy PC devices on port I/O: the 8250 UART console, the i8042 controller (guest resets
+//! and Ctrl-Alt-Del) and Ember's boot timer port.
 
 pub mod boot_timer;
 pub mod i8042;

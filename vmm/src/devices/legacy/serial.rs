@@ -47,17 +47,22 @@ pub struct SerialConsole {
 
 impl SerialConsole {
     /// `interrupt`: the irqfd for IRQ 4; `input_ready`: signalled when the FIFO empties.
-    pub fn new(interrupt: EventFdTrigger, input_ready: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::with_events(interrupt, InputReady(input_ready), out) }
+    pub fn new(
+        interrupt: EventFdTrigger,
+        input_ready: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Self {
+        Self {
+            uart: Serial::with_events(interrupt, InputReady(input_ready), out),
+        }
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
     fn enqueue(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(bytes.len());
-        match self.uart.enqueue_raw_bytes(&bytes[..room]) {
-            Ok(n) => n,
-            Err(_) => 0,
-        }
+        self.uart
+            .enqueue_raw_bytes(&bytes[..room])
+            .unwrap_or_default()
     }
 
     fn fifo_capacity(&self) -> usize {
@@ -92,7 +97,13 @@ pub struct SerialInput<R: Read + AsRawFd + Send> {
 
 impl<R: Read + AsRawFd + Send> SerialInput<R> {
     pub fn new(console: Arc<Mutex<SerialConsole>>, input: R, input_ready: EventFd) -> Self {
-        Self { console, input, input_ready, listening: false, eof: false }
+        Self {
+            console,
+            input,
+            input_ready,
+            listening: false,
+            eof: false,
+        }
     }
 
     fn input_fd(&self) -> RawFd {
@@ -106,7 +117,11 @@ impl<R: Read + AsRawFd + Send> SerialInput<R> {
         let events = Events::new_raw(self.input_fd(), EventSet::IN);
         // Registration fails for inputs epoll cannot watch (a regular file, /dev/null):
         // such a VM simply has no console input.
-        let done = if on { ops.add(events) } else { ops.remove(events) };
+        let done = if on {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
         self.listening = on && done.is_ok();
     }
 
@@ -138,7 +153,10 @@ impl<R: Read + AsRawFd + Send> SerialInput<R> {
 impl<R: Read + AsRawFd + Send> MutEventSubscriber for SerialInput<R> {
     fn init(&mut self, ops: &mut EventOps) {
         // The FIFO-drained notification is essential; without it input would stall forever.
-        if ops.add(Events::new(&self.input_ready, EventSet::IN)).is_err() {
+        if ops
+            .add(Events::new(&self.input_ready, EventSet::IN))
+            .is_err()
+        {
             self.eof = true;
             return;
         }
@@ -205,7 +223,11 @@ mod tests {
         let (dev, _irq, ready) = console(SharedBuf::default());
         let (mut host, guest_side) = UnixStream::pair().unwrap();
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(dev.clone(), guest_side, ready))));
+        em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
+            dev.clone(),
+            guest_side,
+            ready,
+        ))));
         host.write_all(b"ok").unwrap();
         em.run_with_timeout(1000).unwrap();
         let mut d = dev.lock().unwrap();

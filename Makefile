@@ -1,0 +1,37 @@
+# Ember's entry points. `make run` and `make test` work on a fresh Debian 12 machine: they
+# install what is missing, build the kernel (cached), initramfs and binaries, and use the
+# nested test bed when this host's KVM cannot boot stock guests.
+
+CARGO ?= cargo
+TESTBED := target/release/ember-testbed
+
+.PHONY: all deps build run test lint unit bench clean
+
+all: build
+
+deps:
+	@./resources/deps.sh
+
+build: deps
+	./resources/build.sh
+	$(CARGO) build --release --workspace --quiet
+
+# Boot a VM (2 vCPUs, 256 MiB) to ember-init and print its ready line and boot time.
+run: build
+	@echo "placement: $$($(TESTBED) --show-placement)"
+	$(TESTBED) -- target/release/ember --no-api --config-file resources/demo.json --boot-timer
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets --quiet -- -D warnings
+
+# Everything: lint, unit tests, and the integration tests that boot real guests.
+test: build lint
+	$(CARGO) test --release --workspace
+
+bench: build
+	target/release/ember-bench boot --runs 10 --json target/bench/boot.json
+
+clean:
+	$(CARGO) clean
+	rm -rf resources/out

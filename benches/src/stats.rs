@@ -1,0 +1,64 @@
+//! Summary statistics over repeated runs: median and nearest-rank percentiles.
+
+use serde::Serialize;
+
+/// Samples of one measured quantity, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub samples_ms: Vec<f64>,
+    pub median_ms: f64,
+    pub p90_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Summary {
+    /// Summarises `samples`; None when there are none.
+    pub fn of(samples: &[f64]) -> Option<Self> {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Some(Self {
+            samples_ms: samples.to_vec(),
+            median_ms: median(&sorted)?,
+            p90_ms: percentile(&sorted, 90.0)?,
+            min_ms: *sorted.first()?,
+            max_ms: *sorted.last()?,
+        })
+    }
+}
+
+/// Median of sorted values (mean of the middle two for an even count).
+pub fn median(sorted: &[f64]) -> Option<f64> {
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_p90() {
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(median(&v), Some(5.5));
+        assert_eq!(percentile(&v, 90.0), Some(9.0));
+        assert_eq!(percentile(&v, 99.0), Some(10.0));
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[]), None);
+        let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median_ms, s.min_ms, s.max_ms), (2.0, 1.0, 3.0));
+    }
+}
