@@ -76,7 +76,7 @@ pub fn boot_once(
         .map_err(|e| format!("cannot start {}: {e}", vmm.name()))?;
     let ready = wait_ready_line(&mut child, Duration::from_secs(120));
     let to_ready = start.elapsed();
-    let exited = wait_exit(&mut child, Duration::from_secs(60));
+    let exited = testbed::wait_with_timeout(&mut child, Duration::from_secs(60)).is_some();
     let (ready_line, console) = ready.map_err(|console| {
         format!(
             "{} never printed the ready line; its console:\n{console}",
@@ -123,13 +123,7 @@ fn qemu_microvm(spec: &GuestSpec) -> Command {
         "-m",
         &format!("{}M", spec.mem_mib),
     ])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
+    .args(testbed::QEMU_HEADLESS_ARGS)
     .args(["-serial", "stdio"])
     .arg("-kernel")
     .arg(&spec.kernel)
@@ -171,21 +165,6 @@ fn wait_ready_line(child: &mut Child, timeout: Duration) -> Result<(String, Stri
             Err(_) => {
                 let _ = child.kill();
                 return Err(console);
-            }
-        }
-    }
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => return true,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
             }
         }
     }

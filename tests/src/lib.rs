@@ -219,7 +219,7 @@ impl Job {
         let file = |name: &str| {
             File::create(self.dir.join(name)).map_err(|e| format!("cannot create {name}: {e}"))
         };
-        let child = Command::new("bash")
+        let mut child = Command::new("bash")
             .arg(self.dir.join("job.sh"))
             .current_dir(&self.dir)
             .stdin(Stdio::null())
@@ -227,17 +227,20 @@ impl Job {
             .stderr(file("stderr")?)
             .spawn()
             .map_err(|e| format!("cannot run bash: {e}"))?;
-        let status = wait_with_timeout(child, self.timeout)
+        let status = wait_with_timeout(&mut child, self.timeout)
             .ok_or_else(|| format!("job timed out after {:?}", self.timeout))?;
         self.collect(status.code().unwrap_or(128 + status.signal_number()))
     }
 
     fn run_nested(&self) -> Result<Output, String> {
         let bed = prepare_bed()?;
-        let mut shares = vec![self.dir.clone()];
-        shares.extend(self.shares.iter().cloned());
-        let list: Vec<String> = shares.iter().map(|p| p.display().to_string()).collect();
-        fs::write(self.dir.join("shares"), list.join("\n") + "\n")
+        // The repository read-only (it may sit under /tmp, which the test bed replaces with
+        // a tmpfs), then the writable directories.
+        let mut list = format!("ro {}\nrw {}\n", repo_root().display(), self.dir.display());
+        for share in &self.shares {
+            list += &format!("rw {}\n", share.display());
+        }
+        fs::write(self.dir.join("shares"), list)
             .map_err(|e| format!("cannot write the share list: {e}"))?;
         let _lock = BedLock::acquire()?;
         let socket = self.dir.join("virtiofsd.sock");
@@ -245,12 +248,12 @@ impl Job {
         let virtiofsd = spawn_virtiofsd(&socket, &self.dir)?;
         let _virtiofsd = KillOnDrop(virtiofsd);
         wait_for_socket(&socket)?;
-        let qemu = self.qemu_command(&bed, &socket).spawn().map_err(|e| {
+        let mut qemu = self.qemu_command(&bed, &socket).spawn().map_err(|e| {
             format!(
                 "cannot start qemu-system-x86_64 for the test bed: {e}; install qemu-system-x86"
             )
         })?;
-        let finished = wait_with_timeout(qemu, self.timeout);
+        let finished = wait_with_timeout(&mut qemu, self.timeout);
         let status = fs::read_to_string(self.dir.join("status")).ok();
         match (finished, status.and_then(|s| s.trim().parse::<i32>().ok())) {
             (Some(_), Some(code)) => self.collect(code),
@@ -275,13 +278,7 @@ impl Job {
         let mem = format!("{}M", self.memory_mib);
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &mem])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
+            .args(QEMU_HEADLESS_ARGS)
             .arg("-kernel")
             .arg(bed.join("vmlinuz"))
             .arg("-initrd")
@@ -321,6 +318,16 @@ impl Job {
     }
 }
 
+/// QEMU options for a VM with no display, no default devices and no reboot (a guest reset
+/// ends QEMU), shared by the test bed and the benchmark peers.
+pub const QEMU_HEADLESS_ARGS: [&str; 5] = [
+    "-nodefaults",
+    "-no-user-config",
+    "-display",
+    "none",
+    "-no-reboot",
+];
+
 /// Single-quotes a path for bash.
 pub fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
@@ -336,12 +343,13 @@ impl SignalNumber for std::process::ExitStatus {
     }
 }
 
-fn wait_with_timeout(mut child: Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+/// Waits for `child` to exit; kills it and returns None once `timeout` has passed.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();

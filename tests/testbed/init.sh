@@ -1,6 +1,6 @@
 #!/bin/busybox sh
 # PID 1 of the test bed's level-1 VM. Loads KVM and virtiofs, shows the host's root
-# read-only at /newroot with the job's shares writable at their own paths, runs the job
+# read-only at /newroot with the job's shares at their own paths, runs the job
 # there, records its exit status and powers off. The job directory (on the kernel command
 # line as testbed.job=DIR) holds job.sh, shares, and receives stdout, stderr and status.
 /bin/busybox --install -s /bin
@@ -30,10 +30,15 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 for d in tmp run var/tmp; do mount -t tmpfs tmpfs "/newroot/$d"; done
-while read -r share; do
+# Shares, parents first: "ro PATH" or "rw PATH". Read-only ones bring back host paths the
+# tmpfs mounts above hide (a checkout under /tmp); writable ones are the job's directories.
+while read -r mode share; do
     [ -n "$share" ] || continue
     mkdir -p "/newroot$share" 2>/dev/null
     mount --bind "/mnt/host$share" "/newroot$share" || fail "cannot share $share"
+    if [ "$mode" = ro ]; then
+        mount -o remount,bind,ro "/newroot$share" || fail "cannot make $share read-only"
+    fi
 done < "/mnt/host$job/shares"
 
 chroot /newroot /usr/bin/env -i HOME=/root TERM=dumb EMBER_TESTBED_LEVEL=1 \
