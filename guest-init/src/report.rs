@@ -56,7 +56,8 @@ mod tests {
                      00100000-07ffffff : System RAM\n\
                      \x20 01000000-01ffffff : Kernel code\n\
                      d0000000-d0000fff : LNRO0005:00\n";
-        assert_eq!(system_ram_kib(iomem), Some((0x9f000 + 0x7f00000) / 1024));
+        let ram = (0x9fbff - 0x1000 + 1) + (0x7ff_ffff - 0x10_0000 + 1);
+        assert_eq!(system_ram_kib(iomem), Some(ram / 1024));
         assert_eq!(system_ram_kib(""), Some(0));
     }
 }
