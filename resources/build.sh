@@ -4,6 +4,7 @@
 #   resources/out/bzImage         the same kernel as a bzImage
 #   resources/out/ember-init      static PID 1
 #   resources/out/initramfs.cpio  uncompressed cpio with ember-init as /init
+#   resources/out/rootfs.ext4     ext4 root: ember-init as /sbin/init, static busybox
 # Usage: resources/build.sh [--kernel-only]
 set -euo pipefail
 
@@ -26,3 +27,4 @@ fi
 cp "$init_bin" "$out/ember-init.tmp" && mv "$out/ember-init.tmp" "$out/ember-init"
 
 "$root/resources/initramfs.sh" "$out/ember-init" "$out/initramfs.cpio"
+"$root/resources/rootfs.sh" "$out/ember-init" "$out/rootfs.ext4"

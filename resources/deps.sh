@@ -8,6 +8,7 @@ pkgs=(
     linux-source-6.1                                               # guest kernel source
     cpio                                                           # initramfs
     libseccomp-dev                                                 # seccompiler
+    e2fsprogs                                                      # rootfs (mkfs.ext4 -d), debugfs in tests
     qemu-system-x86 qemu-system-common busybox-static file         # test bed and peer VMM
 )
 missing=()

@@ -26,7 +26,7 @@ pub enum ModelError {
     Parse(String),
     /// A field holds a value Ember cannot use.
     #[error("{field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid { field: String, reason: String },
     /// A section is valid Firecracker but not implemented by this version of Ember.
     #[error("{0}: not supported by this version of Ember yet; remove it from the configuration")]
     Unsupported(&'static str),
@@ -81,6 +81,116 @@ impl Default for MachineConfig {
     }
 }
 
+/// How the host caches a drive's writes, as Firecracker names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// Guest flushes are not offered; writes reach the file but are not synced.
+    #[default]
+    Unsafe,
+    /// Guest flushes are honoured with fdatasync, so flushed data survives a host crash.
+    Writeback,
+}
+
+/// `drives[]` / `PUT /drives/{drive_id}`: a virtio-blk device backed by a raw image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// Letters, digits and `_`; unique among the drives.
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+    /// Boot from this drive: `root=/dev/vda` (or `root=PARTUUID=...`) joins the command line.
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Partition UUID of the root partition, when the root is a partition of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// Only `"Sync"` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// Not supported; must be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+    /// vhost-user drives are not supported; must be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// The most virtio devices a guest can have: one IOAPIC pin each, from GSI 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+fn invalid(field: String, reason: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn validate_drives(drives: &[Drive]) -> Result<(), ModelError> {
+    if drives.len() > MAX_VIRTIO_DEVICES {
+        return Err(invalid(
+            "drives".into(),
+            format!(
+                "{} drives is too many; the limit is {MAX_VIRTIO_DEVICES}",
+                drives.len()
+            ),
+        ));
+    }
+    let mut root = None;
+    for (i, d) in drives.iter().enumerate() {
+        let field = |name: &str| format!("drives[{i}].{name}");
+        if d.drive_id.is_empty()
+            || d.drive_id.len() > 64
+            || !d
+                .drive_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(invalid(
+                field("drive_id"),
+                format!(
+                    "{:?} is not valid; use 1 to 64 letters, digits or underscores",
+                    d.drive_id
+                ),
+            ));
+        }
+        if drives[..i].iter().any(|o| o.drive_id == d.drive_id) {
+            return Err(invalid(
+                field("drive_id"),
+                format!("{:?} is used by another drive", d.drive_id),
+            ));
+        }
+        if d.path_on_host.as_os_str().is_empty() {
+            return Err(invalid(field("path_on_host"), "empty path"));
+        }
+        if d.is_root_device {
+            if let Some(other) = root.replace(&d.drive_id) {
+                return Err(invalid(
+                    field("is_root_device"),
+                    format!("drive {other:?} is the root device already; only one drive can be"),
+                ));
+            }
+        } else if d.partuuid.is_some() {
+            return Err(invalid(
+                field("partuuid"),
+                "only the root device takes a partuuid",
+            ));
+        }
+        if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
+            return Err(invalid(field("io_engine"), "only \"Sync\" is supported"));
+        }
+        if d.rate_limiter.is_some() {
+            return Err(ModelError::Unsupported("drives[].rate_limiter"));
+        }
+        if d.socket.is_some() {
+            return Err(ModelError::Unsupported("drives[].socket (vhost-user)"));
+        }
+    }
+    Ok(())
+}
+
 /// The whole configuration file, with Firecracker's section names.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,7 +204,7 @@ pub struct VmConfig {
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub drives: Vec<serde_json::Value>,
+    pub drives: Vec<Drive>,
     #[serde(
         rename = "network-interfaces",
         default,
@@ -137,13 +247,13 @@ impl VmConfig {
     /// Checks everything that does not need the host: counts, limits and unsupported sections.
     pub fn validate(&self) -> Result<(), ModelError> {
         let boot = self.boot_source.as_ref().ok_or(ModelError::Invalid {
-            field: "boot-source",
+            field: "boot-source".into(),
             reason: "missing; give kernel_image_path at least".into(),
         })?;
         boot.validate()?;
         self.machine_config.validate()?;
+        validate_drives(&self.drives)?;
         let unsupported = [
-            ("drives", !self.drives.is_empty()),
             ("network-interfaces", !self.network_interfaces.is_empty()),
             ("vsock", self.vsock.is_some()),
             ("logger", self.logger.is_some()),
@@ -168,14 +278,14 @@ impl BootSource {
     fn validate(&self) -> Result<(), ModelError> {
         if self.kernel_image_path.as_os_str().is_empty() {
             return Err(ModelError::Invalid {
-                field: "boot-source.kernel_image_path",
+                field: "boot-source.kernel_image_path".into(),
                 reason: "empty path".into(),
             });
         }
         let len = self.boot_args().len();
         if len >= MAX_BOOT_ARGS_LEN {
             return Err(ModelError::Invalid {
-                field: "boot-source.boot_args",
+                field: "boot-source.boot_args".into(),
                 reason: format!(
                     "{len} bytes is too long; the limit is {} bytes",
                     MAX_BOOT_ARGS_LEN - 1
@@ -184,7 +294,7 @@ impl BootSource {
         }
         if self.boot_args().bytes().any(|b| !(0x20..0x7f).contains(&b)) {
             return Err(ModelError::Invalid {
-                field: "boot-source.boot_args",
+                field: "boot-source.boot_args".into(),
                 reason: "only printable ASCII is allowed".into(),
             });
         }
@@ -196,19 +306,19 @@ impl MachineConfig {
     fn validate(&self) -> Result<(), ModelError> {
         if !(1..=MAX_VCPUS).contains(&self.vcpu_count) {
             return Err(ModelError::Invalid {
-                field: "machine-config.vcpu_count",
+                field: "machine-config.vcpu_count".into(),
                 reason: format!("{} is out of range; use 1 to {MAX_VCPUS}", self.vcpu_count),
             });
         }
         if self.mem_size_mib == 0 {
             return Err(ModelError::Invalid {
-                field: "machine-config.mem_size_mib",
+                field: "machine-config.mem_size_mib".into(),
                 reason: "0 MiB is not enough memory to boot; use at least 16".into(),
             });
         }
         if self.mem_size_mib < 16 {
             return Err(ModelError::Invalid {
-                field: "machine-config.mem_size_mib",
+                field: "machine-config.mem_size_mib".into(),
                 reason: format!(
                     "{} MiB is too little to boot; use at least 16",
                     self.mem_size_mib
@@ -217,7 +327,7 @@ impl MachineConfig {
         }
         if self.smt {
             return Err(ModelError::Invalid {
-                field: "machine-config.smt",
+                field: "machine-config.smt".into(),
                 reason: "SMT is not supported; set it to false".into(),
             });
         }
@@ -308,10 +418,75 @@ mod tests {
 
     #[test]
     fn sections_of_later_versions_are_refused_clearly() {
-        let text = format!(r#"{{{KERNEL}, "drives": [{{"drive_id": "root"}}]}}"#);
+        let text = format!(r#"{{{KERNEL}, "vsock": {{"guest_cid": 3, "uds_path": "/v"}}}}"#);
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.starts_with("drives: not supported"), "{err}");
+        assert!(err.starts_with("vsock: not supported"), "{err}");
         assert!(parse(&format!(r#"{{{KERNEL}, "drives": []}}"#)).is_ok());
+    }
+
+    fn drives(list: &str) -> Result<VmConfig, ModelError> {
+        parse(&format!(r#"{{{KERNEL}, "drives": [{list}]}}"#))
+    }
+
+    #[test]
+    fn drives_parse_with_firecracker_fields() {
+        let c = drives(r#"{"drive_id": "rootfs", "path_on_host": "/r.ext4", "is_root_device": true, "is_read_only": true, "cache_type": "Writeback", "io_engine": "Sync"},
+                          {"drive_id": "data_1", "path_on_host": "/d.img", "is_root_device": false}"#).unwrap();
+        assert_eq!(c.drives.len(), 2);
+        assert_eq!(c.drives[0].cache_type, CacheType::Writeback);
+        assert!(c.drives[0].is_read_only);
+        assert_eq!(c.drives[1].cache_type, CacheType::Unsafe);
+    }
+
+    #[test]
+    fn drive_errors_name_the_drive_and_field() {
+        let cases = [
+            (
+                r#"{"drive_id": "a b", "path_on_host": "/x", "is_root_device": false}"#,
+                "drives[0].drive_id",
+            ),
+            (
+                r#"{"drive_id": "a", "path_on_host": "/x", "is_root_device": true}, {"drive_id": "b", "path_on_host": "/y", "is_root_device": true}"#,
+                "drives[1].is_root_device",
+            ),
+            (
+                r#"{"drive_id": "a", "path_on_host": "/x", "is_root_device": false}, {"drive_id": "a", "path_on_host": "/y", "is_root_device": false}"#,
+                "drives[1].drive_id",
+            ),
+            (
+                r#"{"drive_id": "a", "path_on_host": "/x", "is_root_device": false, "partuuid": "1"}"#,
+                "drives[0].partuuid",
+            ),
+            (
+                r#"{"drive_id": "a", "path_on_host": "/x", "is_root_device": false, "io_engine": "Async"}"#,
+                "drives[0].io_engine",
+            ),
+            (
+                r#"{"drive_id": "a", "path_on_host": "", "is_root_device": false}"#,
+                "drives[0].path_on_host",
+            ),
+            (
+                r#"{"drive_id": "a", "path_on_host": "/x", "is_root_device": false, "cache_type": "Fast"}"#,
+                "drives[0].cache_type",
+            ),
+            (
+                r#"{"drive_id": "a", "path_on_host": "/x"}"#,
+                "missing field `is_root_device`",
+            ),
+        ];
+        for (list, expected) in cases {
+            let err = drives(list).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        let many: Vec<String> = (0..20)
+            .map(|i| {
+                format!(r#"{{"drive_id": "d{i}", "path_on_host": "/x", "is_root_device": false}}"#)
+            })
+            .collect();
+        assert!(drives(&many.join(","))
+            .unwrap_err()
+            .to_string()
+            .contains("too many"));
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //! | option | meaning |
 //! |---|---|
 //! | `ember.hostname=NAME` | the guest's hostname (default `ember`) |
-//! | `ember.test=poweroff` | power off right after the ready line (boot tests, benchmarks) |
+//! | `ember.test=poweroff` | power off right after the ready line (or after `ember.run`) |
+//! | `ember.run="CMD"` | run `/bin/sh -c CMD` on the console once ready, report its status |
 
 /// What the command line asks of init.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitOptions {
     pub hostname: String,
     pub poweroff_when_ready: bool,
+    pub run: Option<String>,
 }
 
 impl Default for InitOptions {
@@ -18,8 +20,40 @@ impl Default for InitOptions {
         Self {
             hostname: "ember".into(),
             poweroff_when_ready: false,
+            run: None,
         }
     }
+}
+
+/// Splits a kernel command line into arguments the way the kernel does: whitespace
+/// separates, double quotes group (and are dropped).
+pub fn split_args(cmdline: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut started = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            c if c.is_ascii_whitespace() && !quoted => {
+                if started {
+                    args.push(std::mem::take(&mut current));
+                    started = false;
+                }
+            }
+            c => {
+                current.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        args.push(current);
+    }
+    args
 }
 
 /// The most a hostname may hold (HOST_NAME_MAX).
@@ -30,7 +64,10 @@ const HOSTNAME_MAX: usize = 64;
 pub fn parse(cmdline: &str) -> (InitOptions, Vec<String>) {
     let mut options = InitOptions::default();
     let mut warnings = Vec::new();
-    for word in cmdline.split_ascii_whitespace() {
+    for word in split_args(cmdline) {
+        if word == "--" {
+            break;
+        }
         let Some(option) = word.strip_prefix("ember.") else {
             continue;
         };
@@ -39,6 +76,7 @@ pub fn parse(cmdline: &str) -> (InitOptions, Vec<String>) {
             "hostname" if valid_hostname(value) => options.hostname = value.into(),
             "hostname" => warnings.push(format!("ignoring invalid hostname {value:?}")),
             "test" if value == "poweroff" => options.poweroff_when_ready = true,
+            "run" if !value.is_empty() => options.run = Some(value.into()),
             _ => warnings.push(format!("ignoring unknown option {word:?}")),
         }
     }
@@ -73,10 +111,23 @@ mod tests {
     }
 
     #[test]
+    fn quoted_run_command_keeps_its_spaces() {
+        let (o, w) = parse(r#"quiet ember.run="echo hi; sync" ember.test=poweroff"#);
+        assert_eq!(o.run.as_deref(), Some("echo hi; sync"));
+        assert!(o.poweroff_when_ready);
+        assert!(w.is_empty());
+        assert_eq!(
+            split_args(r#"a "b c" d="e f"  g"#),
+            ["a", "b c", "d=e f", "g"]
+        );
+        assert_eq!(parse("-- ember.test=poweroff").0, InitOptions::default());
+    }
+
+    #[test]
     fn bad_values_warn_and_keep_defaults() {
-        let (o, w) = parse("ember.hostname=a/b ember.test=explode ember.nope");
+        let (o, w) = parse("ember.hostname=a/b ember.test=explode ember.nope ember.run=");
         assert_eq!(o, InitOptions::default());
-        assert_eq!(w.len(), 3);
+        assert_eq!(w.len(), 4);
         let long = format!("ember.hostname={}", "a".repeat(65));
         assert_eq!(parse(&long).0.hostname, "ember");
     }

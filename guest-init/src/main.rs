@@ -1,6 +1,7 @@
 //! ember-init: PID 1 of an Ember guest. Top to bottom: mount the pseudo filesystems, make
 //! sure the console is stdio, read `ember.*` options, set the hostname, say "ready" (console
-//! line and the boot-timer port), then reap children until asked to power off.
+//! line and the boot-timer port), run the `ember.run` command if there is one, then reap
+//! children until asked to power off.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -42,6 +43,9 @@ fn run() -> Result<()> {
         options.hostname,
     );
     signal_boot_complete();
+    if let Some(command) = &options.run {
+        run_command(command);
+    }
     if options.poweroff_when_ready {
         return Ok(());
     }
@@ -166,6 +170,37 @@ fn block_signals() -> Result<libc::sigset_t> {
         }
     }
     Ok(set)
+}
+
+/// Runs `/bin/sh -c command` on the console and reports how it ended.
+fn run_command(command: &str) {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let mut shell = std::process::Command::new("/bin/sh");
+    shell
+        .args(["-c", command])
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root");
+    // SAFETY: the hook runs between fork and exec and only calls sigprocmask, which is
+    // async-signal-safe; it gives the command the default (empty) signal mask back.
+    unsafe {
+        shell.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    match shell.status() {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => println!("ember-init: run exited with status {code}"),
+            (None, Some(sig)) => println!("ember-init: run killed by signal {sig}"),
+            _ => println!("ember-init: run ended"),
+        },
+        Err(e) => eprintln!("ember-init: cannot run /bin/sh: {e}"),
+    }
 }
 
 /// Reaps children; returns when asked to stop (SIGINT is Ctrl-Alt-Del, SIGTERM/SIGPWR a

@@ -60,11 +60,11 @@ fn main() -> ExitCode {
         .collect();
     let script = format!("cd {}\n{}", shell_quote(&cwd), words.join(" "));
     let mut job = Job::new("cli", script)
-        .share(cwd)
+        .share(cwd.clone())
         .timeout(Duration::from_secs(cli.timeout))
         .memory_mib(cli.memory);
     for dir in cli.share {
-        job = job.share(dir);
+        job = job.share(cwd.join(dir));
     }
     match job.run() {
         Ok(out) => {

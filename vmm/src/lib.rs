@@ -6,6 +6,7 @@
 //! to the buses.
 
 pub mod arch;
+pub mod device_manager;
 pub mod devices;
 pub mod vstate;
 
@@ -14,7 +15,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use api::models::{BootSource, ModelError, VmConfig};
+use api::models::{BootSource, CacheType, Drive, ModelError, VmConfig, MAX_BOOT_ARGS_LEN};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -24,10 +25,12 @@ use arch::x86_64::boot::{self, BootError, LoadedKernel};
 use arch::x86_64::mptable::{self, MpTableError};
 use arch::x86_64::regs::{self, RegsError};
 use arch::x86_64::BOOT_TIMER_PORT;
+use device_manager::{DeviceError, MmioDeviceManager};
 use devices::bus::lock;
 use devices::legacy::{
     i8042, serial, BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042,
 };
+use devices::virtio::block::{Block, BlockError, DriveSpec};
 use devices::BusError;
 use vstate::kvm::{self, KvmError, KvmVm};
 use vstate::memory::{self, MemoryError};
@@ -58,6 +61,12 @@ pub enum VmmError {
     Bus(&'static str, BusError),
     #[error("the VMM event loop failed: {0}")]
     EventLoop(event_manager::Error),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("boot-source.boot_args: with the device arguments the kernel command line is {0} bytes; the limit is {max}", max = MAX_BOOT_ARGS_LEN - 1)]
+    CmdlineTooLong(usize),
 }
 
 impl VmmError {
@@ -75,6 +84,8 @@ impl VmmError {
                         | BootError::InitrdTooLarge { .. }
                 )
                 | VmmError::Memory(MemoryError::TooLarge { .. })
+                | VmmError::Block(BlockError::OpenDisk(..) | BlockError::NotAFile(..))
+                | VmmError::CmdlineTooLong(_)
                 | VmmError::Kvm(KvmError::TooManyVcpus { .. })
         )
     }
@@ -108,7 +119,7 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     /// Held so the VM and its memory slots outlive the vCPU threads.
     _vm: KvmVm,
-    _guest_memory: GuestMemoryMmap,
+    _guest_memory: Arc<GuestMemoryMmap>,
     event_manager: EventManager<Subscriber>,
     exits: Arc<Mutex<ExitWatcher>>,
 }
@@ -123,7 +134,19 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
             boot::open_initrd(initrd)?;
         }
     }
+    for drive in &config.drives {
+        Block::open_disk(&drive_spec(drive))?;
+    }
     Ok(())
+}
+
+fn drive_spec(drive: &Drive) -> DriveSpec {
+    DriveSpec {
+        drive_id: drive.drive_id.clone(),
+        path: drive.path_on_host.clone(),
+        read_only: drive.is_read_only,
+        flush_to_disk: drive.cache_type == CacheType::Writeback,
+    }
 }
 
 impl Vmm {
@@ -136,16 +159,12 @@ impl Vmm {
         check_config(config)?;
         let machine = &config.machine_config;
         let boot_source = config.boot_source.as_ref().ok_or(ModelError::Invalid {
-            field: "boot-source",
+            field: "boot-source".into(),
             reason: "missing".into(),
         })?;
         let vm = kvm::create_vm(kvm::open_kvm(machine.vcpu_count)?)?;
-        let guest_memory = memory::create_guest_memory(machine.mem_size_mib)?;
+        let guest_memory = Arc::new(memory::create_guest_memory(machine.mem_size_mib)?);
         vm.register_memory(&guest_memory)?;
-        let mem_bytes = (machine.mem_size_mib as u64) << 20;
-        let kernel = load_guest_image(&guest_memory, mem_bytes, boot_source)?;
-        mptable::write(&guest_memory, machine.vcpu_count)?;
-        regs::write_boot_structures(&guest_memory)?;
 
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let (stop_tx, stop_rx) = channel();
@@ -158,9 +177,36 @@ impl Vmm {
         let exits = Arc::new(Mutex::new(exits));
         event_manager.add_subscriber(exits.clone());
 
-        let (buses, console_input) = legacy_devices(&vm, reset, options, console)?;
+        let (mut buses, console_input) = legacy_devices(&vm, reset, options, console)?;
         event_manager.add_subscriber(console_input);
+        let mut mmio = MmioDeviceManager::new();
+        let root_args = attach_drives(
+            &vm,
+            &mut buses,
+            &guest_memory,
+            &mut mmio,
+            &mut event_manager,
+            &config.drives,
+        )?;
         let buses = Arc::new(buses);
+
+        let cmdline = [
+            mmio.kernel_args(),
+            root_args,
+            boot_source.boot_args().to_string(),
+        ]
+        .iter()
+        .filter(|part| !part.is_empty())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
+        if cmdline.len() >= MAX_BOOT_ARGS_LEN {
+            return Err(VmmError::CmdlineTooLong(cmdline.len()));
+        }
+        let mem_bytes = (machine.mem_size_mib as u64) << 20;
+        let kernel = load_guest_image(&guest_memory, mem_bytes, boot_source, &cmdline)?;
+        mptable::write(&guest_memory, machine.vcpu_count)?;
+        regs::write_boot_structures(&guest_memory)?;
         let vcpus = (0..machine.vcpu_count)
             .map(|i| {
                 let evt = stopped_evt.try_clone().map_err(eventfd_err("vCPU stops"))?;
@@ -202,15 +248,50 @@ fn load_guest_image(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
     boot_source: &BootSource,
+    cmdline: &str,
 ) -> Result<LoadedKernel, VmmError> {
     let kernel = boot::load_kernel(mem, &boot_source.kernel_image_path)?;
     let initrd = match &boot_source.initrd_path {
         Some(path) => Some(boot::load_initrd(mem, path, kernel.end)?),
         None => None,
     };
-    let cmdline_len = boot::load_cmdline(mem, boot_source.boot_args())?;
+    let cmdline_len = boot::load_cmdline(mem, cmdline)?;
     boot::write_zero_page(mem, mem_bytes, &kernel, cmdline_len, initrd)?;
     Ok(kernel)
+}
+
+/// Attaches the drives, the root device first so that it is /dev/vda, and returns the
+/// kernel arguments that make it the root filesystem (empty without a root device).
+fn attach_drives(
+    vm: &KvmVm,
+    buses: &mut Buses,
+    mem: &Arc<GuestMemoryMmap>,
+    mmio: &mut MmioDeviceManager,
+    event_manager: &mut EventManager<Subscriber>,
+    drives: &[Drive],
+) -> Result<String, VmmError> {
+    let root = drives.iter().find(|d| d.is_root_device);
+    let ordered = root
+        .into_iter()
+        .chain(drives.iter().filter(|d| !d.is_root_device));
+    for drive in ordered {
+        let block = Arc::new(Mutex::new(Block::new(&drive_spec(drive))?));
+        mmio.attach(
+            vm,
+            buses,
+            mem,
+            &format!("drive {}", drive.drive_id),
+            block.clone(),
+        )?;
+        event_manager.add_subscriber(block);
+    }
+    Ok(root.map_or_else(String::new, |d| {
+        let device = d
+            .partuuid
+            .as_ref()
+            .map_or_else(|| "/dev/vda".to_string(), |u| format!("PARTUUID={u}"));
+        format!("root={device} {}", if d.is_read_only { "ro" } else { "rw" })
+    }))
 }
 
 /// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus; returns the buses

@@ -1,0 +1,309 @@
+//! The virtio-mmio transport (virtio 1.x, section 4.2.2), modern interface only: a 4 KiB
+//! register window per device, announced to the guest on the kernel command line as
+//! `virtio_mmio.device=4K@<base>:<irq>`.
+//!
+//! Every register access comes from the guest, so nothing here trusts it: accesses of the
+//! wrong width, writes out of sequence (queue set-up after DRIVER_OK, features after
+//! FEATURES_OK) and bad queue selections are ignored and counted; a driver that accepts
+//! features without VERSION_1 never gets FEATURES_OK; a device that cannot start reports
+//! DEVICE_NEEDS_RESET.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::bus::lock;
+use crate::devices::BusDevice;
+
+/// Size of each device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// "virt", little endian.
+const MAGIC: u32 = 0x7472_6976;
+const VERSION_MODERN: u32 = 2;
+/// "EMBR", little endian: the vendor id Ember reports.
+const VENDOR_ID: u32 = 0x5242_4d45;
+const CONFIG_SPACE: u64 = 0x100;
+
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// Guest accesses the transport ignored, by kind.
+#[derive(Debug, Default)]
+pub struct TransportCounters {
+    pub bad_access: AtomicU64,
+    pub out_of_sequence: AtomicU64,
+    pub activate_failures: AtomicU64,
+}
+
+/// One device's MMIO register window.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: Arc<GuestMemoryMmap>,
+    interrupt: Arc<Interrupt>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    pub counters: TransportCounters,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        Self {
+            device,
+            mem,
+            interrupt,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            counters: TransportCounters::default(),
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let device = lock(&self.device);
+        match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => VERSION_MODERN,
+            reg::DEVICE_ID => device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => device.avail_features() as u32,
+                1 => (device.avail_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self.selected(&*device, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => self.selected(&*device, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn selected(&self, device: &dyn VirtioDevice, f: impl Fn(&virtio_queue::Queue) -> u32) -> u32 {
+        device.queues().get(self.queue_sel as usize).map_or(0, f)
+    }
+
+    /// Queue registers may change only between FEATURES_OK and DRIVER_OK.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & (status::FEATURES_OK | status::DRIVER_OK | status::FAILED)
+            == status::FEATURES_OK
+    }
+
+    fn with_selected_queue(&mut self, f: impl FnOnce(&mut virtio_queue::Queue)) {
+        if !self.queue_setup_allowed() {
+            Self::count(&self.counters.out_of_sequence);
+            return;
+        }
+        let mut device = lock(&self.device);
+        match device.queues_mut().get_mut(self.queue_sel as usize) {
+            Some(queue) => f(queue),
+            None => Self::count(&self.counters.bad_access),
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => self.write_driver_features(value),
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM => self.with_selected_queue(|q| q.set_size(value as u16)),
+            reg::QUEUE_READY => self.with_selected_queue(|q| q.set_ready(value == 1)),
+            reg::QUEUE_DESC_LOW => {
+                self.with_selected_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            reg::QUEUE_DESC_HIGH => {
+                self.with_selected_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                self.with_selected_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                self.with_selected_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                self.with_selected_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                self.with_selected_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
+            reg::QUEUE_NOTIFY => self.notify_queue(value),
+            reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            reg::STATUS => self.write_status(value),
+            _ => Self::count(&self.counters.bad_access),
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        let negotiating = self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER;
+        if !negotiating {
+            Self::count(&self.counters.out_of_sequence);
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => return Self::count(&self.counters.bad_access),
+        };
+        self.driver_features =
+            (self.driver_features & !(0xffff_ffff << shift)) | (u64::from(value) << shift);
+    }
+
+    /// A kick that was not caught by the queue's ioeventfd (none registered): forward it.
+    fn notify_queue(&self, queue: u32) {
+        let device = lock(&self.device);
+        match device.queue_events().get(queue as usize) {
+            Some(evt) => {
+                let _ = evt.write(1);
+            }
+            None => Self::count(&self.counters.bad_access),
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        if value & status::FAILED != 0 {
+            self.status |= status::FAILED;
+            return;
+        }
+        // The driver adds one bit at a time, in order (virtio spec 3.1.1).
+        let added = value & !self.status;
+        if value & self.status != self.status || added.count_ones() != 1 {
+            return Self::count(&self.counters.out_of_sequence);
+        }
+        let ok = match added {
+            status::ACKNOWLEDGE => self.status == 0,
+            status::DRIVER => self.status == status::ACKNOWLEDGE,
+            status::FEATURES_OK => {
+                self.status == status::ACKNOWLEDGE | status::DRIVER && self.accept_features()
+            }
+            status::DRIVER_OK => self.status & status::FEATURES_OK != 0 && self.activate(),
+            _ => false,
+        };
+        if ok {
+            self.status = value;
+        } else {
+            Self::count(&self.counters.out_of_sequence);
+        }
+    }
+
+    /// Accepts the driver's features if they are a subset of the offer with VERSION_1.
+    fn accept_features(&mut self) -> bool {
+        let mut device = lock(&self.device);
+        let offered = device.avail_features();
+        if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            return false;
+        }
+        device.set_acked_features(self.driver_features);
+        true
+    }
+
+    fn activate(&mut self) -> bool {
+        let mut device = lock(&self.device);
+        let valid = device
+            .queues()
+            .iter()
+            .all(|q| !q.ready() || q.is_valid(self.mem.as_ref()));
+        let started = valid
+            && device
+                .activate(self.mem.clone(), self.interrupt.clone())
+                .is_ok();
+        if !started {
+            Self::count(&self.counters.activate_failures);
+            self.status |= status::DEVICE_NEEDS_RESET;
+            let _ = self.interrupt.signal_config_change();
+        }
+        started
+    }
+
+    fn reset(&mut self) {
+        let mut device = lock(&self.device);
+        device.reset();
+        device.queues_mut().iter_mut().for_each(|q| q.reset());
+        drop(device);
+        self.interrupt.clear();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            lock(&self.device).read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            Self::count(&self.counters.bad_access);
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            lock(&self.device).write_config(offset - CONFIG_SPACE, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return Self::count(&self.counters.bad_access);
+        };
+        if offset % 4 != 0 {
+            return Self::count(&self.counters.bad_access);
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}

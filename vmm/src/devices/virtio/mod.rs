@@ -1,0 +1,158 @@
+//! virtio 1.x devices over the MMIO transport: the [`VirtioDevice`] interface the transport
+//! drives, the interrupt a device raises, and the devices themselves.
+//!
+//! Threads: the transport runs on vCPU threads (register accesses); a device's queue work
+//! runs on the VMM thread (event-manager loop), woken by one ioeventfd per queue. A device's
+//! `activate` is called from a vCPU thread, so it only records memory and interrupt and
+//! signals its activation EventFd; its event handler registers the queue fds on the VMM
+//! thread.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit of virtio 1.x ("modern") devices; Ember offers no legacy interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device types (virtio spec 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Device status bits (virtio spec 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Interrupt status bits (virtio spec 4.2.2).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// Why a device refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not ready or its rings lie outside guest memory")]
+    BadQueue(usize),
+    #[error("cannot signal the device's activation: {0}")]
+    Signal(std::io::Error),
+}
+
+/// A device's interrupt line: the status bits the driver reads and acknowledges, and the
+/// irqfd that injects the interrupt.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Tells the driver that used buffers are waiting.
+    pub fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.signal(INT_USED_RING)
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config_change(&self) -> std::io::Result<()> {
+        self.signal(INT_CONFIG_CHANGE)
+    }
+
+    fn signal(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What the MMIO transport needs of a device.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Features the device offers.
+    fn avail_features(&self) -> u64;
+    /// Records the features the driver accepted (already masked by `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    fn queues(&self) -> &[Queue];
+    fn queues_mut(&mut self) -> &mut [Queue];
+    /// The queue kick EventFds, in queue order (registered as ioeventfds).
+    fn queue_events(&self) -> &[EventFd];
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device; runs on a vCPU thread.
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+    fn is_activated(&self) -> bool;
+    /// Returns the device to its initial state (the driver wrote 0 to the status register).
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes at `offset` from a device's configuration bytes; bytes past the
+/// end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = config.get(start..) {
+        let n = available.len().min(data.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_is_set_and_acknowledged() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Interrupt::new(irq.try_clone().unwrap());
+        interrupt.signal_used_queue().unwrap();
+        interrupt.signal_config_change().unwrap();
+        assert_eq!(interrupt.status(), INT_USED_RING | INT_CONFIG_CHANGE);
+        assert_eq!(irq.read().unwrap(), 2);
+        interrupt.acknowledge(INT_USED_RING);
+        assert_eq!(interrupt.status(), INT_CONFIG_CHANGE);
+    }
+}
