@@ -69,6 +69,7 @@ pub struct Artifacts {
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
     pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
 }
 
 impl Artifacts {
@@ -84,13 +85,16 @@ impl Artifacts {
             vmlinux: out.join("vmlinux"),
             bzimage: out.join("bzImage"),
             initramfs: out.join("initramfs.cpio"),
+            rootfs: out.join("rootfs.ext4"),
         };
-        for path in [
+        let all = [
             &found.ember,
             &found.vmlinux,
             &found.bzimage,
             &found.initramfs,
-        ] {
+            &found.rootfs,
+        ];
+        for path in all {
             if !path.is_file() {
                 return Err(format!(
                     "{} is missing; run `make build` first",
@@ -465,6 +469,8 @@ pub struct GuestSpec {
     pub vcpus: u8,
     pub mem_mib: u32,
     pub boot_args: String,
+    /// `drives[]` entries, in Firecracker's format.
+    pub drives: Vec<serde_json::Value>,
 }
 
 impl GuestSpec {
@@ -476,6 +482,22 @@ impl GuestSpec {
             vcpus: 1,
             mem_mib: 128,
             boot_args: TEST_BOOT_ARGS.into(),
+            drives: Vec::new(),
+        }
+    }
+
+    /// Boots from an ext4 root drive at `root` (no initramfs) and runs `script` with
+    /// `ember.run` before powering off. The script must not contain double quotes.
+    pub fn with_root_running(artifacts: &Artifacts, root: &Path, script: &str) -> Self {
+        assert!(
+            !script.contains('"'),
+            "ember.run scripts cannot contain double quotes"
+        );
+        Self {
+            initrd: None,
+            boot_args: format!("{TEST_BOOT_ARGS} ember.run=\"{script}\""),
+            drives: vec![drive("rootfs", root, true, false)],
+            ..Self::standard(artifacts)
         }
     }
 
@@ -488,12 +510,27 @@ impl GuestSpec {
         if let Some(initrd) = &self.initrd {
             boot["initrd_path"] = serde_json::json!(initrd);
         }
-        serde_json::json!({
+        let mut config = serde_json::json!({
             "boot-source": boot,
             "machine-config": {"vcpu_count": self.vcpus, "mem_size_mib": self.mem_mib},
-        })
-        .to_string()
+        });
+        if !self.drives.is_empty() {
+            config["drives"] = serde_json::Value::Array(self.drives.clone());
+        }
+        config.to_string()
     }
+}
+
+/// A `drives[]` entry; writable drives use cache_type "Writeback" so guest flushes reach
+/// the disk.
+pub fn drive(id: &str, path: &Path, root: bool, read_only: bool) -> serde_json::Value {
+    serde_json::json!({
+        "drive_id": id,
+        "path_on_host": path,
+        "is_root_device": root,
+        "is_read_only": read_only,
+        "cache_type": if read_only { "Unsafe" } else { "Writeback" },
+    })
 }
 
 /// What ember-init's ready line says about the guest.
@@ -551,6 +588,7 @@ mod tests {
             vcpus: 2,
             mem_mib: 256,
             boot_args: "quiet".into(),
+            drives: Vec::new(),
         };
         let v: serde_json::Value = serde_json::from_str(&spec.config_json()).unwrap();
         assert_eq!(v["boot-source"]["kernel_image_path"], "/k");
