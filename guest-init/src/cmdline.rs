@@ -1,4 +1,4 @@
-//! `ember.*` options on the kernel command line (read from /proc/cmdline; the kernel keeps
+//! `ember.*` options (and `ip=`) on the kernel command line (read from /proc/cmdline; the kernel keeps
 //! dotted parameters away from init's argv and environment).
 //!
 //! | option | meaning |
@@ -13,6 +13,8 @@ pub struct InitOptions {
     pub hostname: String,
     pub poweroff_when_ready: bool,
     pub run: Option<String>,
+    /// The value of the kernel's `ip=` option, applied by ember-init.
+    pub ip: Option<String>,
 }
 
 impl Default for InitOptions {
@@ -21,6 +23,7 @@ impl Default for InitOptions {
             hostname: "ember".into(),
             poweroff_when_ready: false,
             run: None,
+            ip: None,
         }
     }
 }
@@ -67,6 +70,10 @@ pub fn parse(cmdline: &str) -> (InitOptions, Vec<String>) {
     for word in split_args(cmdline) {
         if word == "--" {
             break;
+        }
+        if let Some(ip) = word.strip_prefix("ip=") {
+            options.ip = Some(ip.into());
+            continue;
         }
         let Some(option) = word.strip_prefix("ember.") else {
             continue;
@@ -121,6 +128,8 @@ mod tests {
             ["a", "b c", "d=e f", "g"]
         );
         assert_eq!(parse("-- ember.test=poweroff").0, InitOptions::default());
+        let ip = "ip=172.16.0.2::172.16.0.1:255.255.255.0::eth0:off";
+        assert_eq!(parse(ip).0.ip.as_deref(), Some(&ip[3..]));
     }
 
     #[test]

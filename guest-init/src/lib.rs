@@ -2,4 +2,5 @@
 //! on the host (kernel command line options, what the guest reports about itself).
 
 pub mod cmdline;
+pub mod ipconfig;
 pub mod report;

@@ -9,7 +9,10 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use guest_init::ipconfig::IpConfig;
 use guest_init::{cmdline, report};
+
+mod netif;
 
 /// Ember's boot-timer port and the value that marks boot complete (see the VMM's
 /// `devices::legacy::boot_timer`).
@@ -33,6 +36,7 @@ fn run() -> Result<()> {
         eprintln!("ember-init: {warning}");
     }
     set_hostname(&options.hostname)?;
+    configure_network(options.ip.as_deref());
     let signals = block_signals()?;
     println!("ember-init: cmdline: {}", text.trim());
     println!(
@@ -127,6 +131,24 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
         return Ok(());
     }
     Err(err.into())
+}
+
+/// Brings up `lo` and the `ip=` interface. A network problem is reported, never fatal: the
+/// guest stays useful (and reachable over vsock) without it.
+fn configure_network(ip: Option<&str>) {
+    let config = match ip.map(IpConfig::parse).transpose() {
+        Ok(config) => config.flatten(),
+        Err(e) => {
+            eprintln!("ember-init: {e}");
+            None
+        }
+    };
+    if let Err(e) = netif::configure(config.as_ref()) {
+        eprintln!(
+            "ember-init: {e:#} (interfaces: {})",
+            netif::interface_names().join(", ")
+        );
+    }
 }
 
 /// The kernel opens /dev/console for init only if the initramfs has that node; when it
