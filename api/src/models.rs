@@ -118,6 +118,108 @@ pub struct Drive {
     pub socket: Option<String>,
 }
 
+/// `network-interfaces[]` / `PUT /network-interfaces/{iface_id}`: a virtio-net device
+/// backed by a host TAP interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// Letters, digits and `_`; unique among the interfaces.
+    pub iface_id: String,
+    /// The host TAP device (created if missing, which needs CAP_NET_ADMIN).
+    pub host_dev_name: String,
+    /// The guest's MAC, `aa:bb:cc:dd:ee:ff`; the guest picks a random one without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Not supported; must be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    /// Not supported; must be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// Parses a MAC address written as `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn validate_network_interfaces(ifaces: &[NetworkInterface]) -> Result<(), ModelError> {
+    for (i, n) in ifaces.iter().enumerate() {
+        let field = |name: &str| format!("network-interfaces[{i}].{name}");
+        if !valid_id(&n.iface_id) {
+            return Err(invalid(
+                field("iface_id"),
+                format!(
+                    "{:?} is not valid; use 1 to 64 letters, digits or underscores",
+                    n.iface_id
+                ),
+            ));
+        }
+        if ifaces[..i].iter().any(|o| o.iface_id == n.iface_id) {
+            return Err(invalid(
+                field("iface_id"),
+                format!("{:?} is used by another interface", n.iface_id),
+            ));
+        }
+        let name_ok = !n.host_dev_name.is_empty()
+            && n.host_dev_name.len() < 16
+            && n.host_dev_name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/');
+        if !name_ok {
+            return Err(invalid(
+                field("host_dev_name"),
+                format!(
+                    "{:?} is not a valid interface name (1 to 15 characters, no '/')",
+                    n.host_dev_name
+                ),
+            ));
+        }
+        if ifaces[..i]
+            .iter()
+            .any(|o| o.host_dev_name == n.host_dev_name)
+        {
+            return Err(invalid(
+                field("host_dev_name"),
+                format!("{:?} is used by another interface", n.host_dev_name),
+            ));
+        }
+        if let Some(mac) = &n.guest_mac {
+            match parse_mac(mac) {
+                Some(bytes) if bytes[0] & 1 == 0 => {}
+                Some(_) => {
+                    return Err(invalid(
+                        field("guest_mac"),
+                        format!("{mac} is a multicast address; use a unicast one"),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        field("guest_mac"),
+                        format!("{mac:?} is not a MAC address like 06:00:ac:10:00:02"),
+                    ))
+                }
+            }
+        }
+        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+            return Err(ModelError::Unsupported(
+                "network-interfaces[].rx_rate_limiter/tx_rate_limiter",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The most virtio devices a guest can have: one IOAPIC pin each, from GSI 5 to 23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
@@ -210,7 +312,7 @@ pub struct VmConfig {
         default,
         skip_serializing_if = "Vec::is_empty"
     )]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,8 +355,15 @@ impl VmConfig {
         boot.validate()?;
         self.machine_config.validate()?;
         validate_drives(&self.drives)?;
+        validate_network_interfaces(&self.network_interfaces)?;
+        let devices = self.drives.len() + self.network_interfaces.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "drives".into(),
+                format!("{devices} drives and network interfaces is too many; the limit is {MAX_VIRTIO_DEVICES}"),
+            ));
+        }
         let unsupported = [
-            ("network-interfaces", !self.network_interfaces.is_empty()),
             ("vsock", self.vsock.is_some()),
             ("logger", self.logger.is_some()),
             ("metrics", self.metrics.is_some()),
@@ -436,6 +545,51 @@ mod tests {
         assert_eq!(c.drives[0].cache_type, CacheType::Writeback);
         assert!(c.drives[0].is_read_only);
         assert_eq!(c.drives[1].cache_type, CacheType::Unsafe);
+    }
+
+    #[test]
+    fn network_interfaces_parse_and_fail_by_field() {
+        let ok =
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}"#;
+        let c = parse(&format!(r#"{{{KERNEL}, "network-interfaces": [{ok}]}}"#)).unwrap();
+        assert_eq!(
+            parse_mac(c.network_interfaces[0].guest_mac.as_deref().unwrap()),
+            Some([6, 0, 0xac, 0x10, 0, 2])
+        );
+        let cases = [
+            (
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00"}"#,
+                "network-interfaces[0].guest_mac",
+            ),
+            (
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:ac:10:00:02"}"#,
+                "multicast",
+            ),
+            (
+                r#"{"iface_id": "eth0", "host_dev_name": "a/b"}"#,
+                "network-interfaces[0].host_dev_name",
+            ),
+            (
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0"}, {"iface_id": "eth0", "host_dev_name": "tap1"}"#,
+                "network-interfaces[1].iface_id",
+            ),
+            (
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0"}, {"iface_id": "eth1", "host_dev_name": "tap0"}"#,
+                "network-interfaces[1].host_dev_name",
+            ),
+            (
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 9000}"#,
+                "unknown field `mtu`",
+            ),
+        ];
+        for (list, expected) in cases {
+            let err = parse(&format!(r#"{{{KERNEL}, "network-interfaces": [{list}]}}"#))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee:ff:00"), None);
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee:f"), None);
     }
 
     #[test]

@@ -52,10 +52,12 @@ stage="$work/stage"
 mkdir -p "$stage"/{bin,dev,proc,sys,modules,mnt/host,newroot}
 cp /bin/busybox "$stage/bin/busybox"
 install -m 0755 "$here/init.sh" "$stage/init"
-# Load order respects dependencies: KVM, then virtio-pci, then FUSE and virtiofs.
+# Load order respects dependencies: KVM, then virtio-pci, then FUSE and virtiofs; TAP and
+# veth for network tests.
 order=(virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd
        drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev
-       drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci fs/fuse/fuse fs/fuse/virtiofs)
+       drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci fs/fuse/fuse fs/fuse/virtiofs
+       drivers/net/tun drivers/net/veth)
 for m in "${order[@]}"; do
     src="$mods/$m.ko"
     if [ -f "$src.xz" ]; then xz -dc "$src.xz" > "$stage/modules/$(basename "$m").ko"; else cp "$src" "$stage/modules/"; fi

@@ -15,7 +15,10 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use api::models::{BootSource, CacheType, Drive, ModelError, VmConfig, MAX_BOOT_ARGS_LEN};
+use api::models::{
+    parse_mac, BootSource, CacheType, Drive, ModelError, NetworkInterface, VmConfig,
+    MAX_BOOT_ARGS_LEN,
+};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -31,6 +34,7 @@ use devices::legacy::{
     i8042, serial, BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042,
 };
 use devices::virtio::block::{Block, BlockError, DriveSpec};
+use devices::virtio::net::{Net, NetError, NetSpec};
 use devices::BusError;
 use vstate::kvm::{self, KvmError, KvmVm};
 use vstate::memory::{self, MemoryError};
@@ -64,6 +68,8 @@ pub enum VmmError {
     #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("boot-source.boot_args: with the device arguments the kernel command line is {0} bytes; the limit is {max}", max = MAX_BOOT_ARGS_LEN - 1)]
     CmdlineTooLong(usize),
@@ -85,6 +91,7 @@ impl VmmError {
                 )
                 | VmmError::Memory(MemoryError::TooLarge { .. })
                 | VmmError::Block(BlockError::OpenDisk(..) | BlockError::NotAFile(..))
+                | VmmError::Net(NetError::OpenTap(..))
                 | VmmError::CmdlineTooLong(_)
                 | VmmError::Kvm(KvmError::TooManyVcpus { .. })
         )
@@ -187,6 +194,14 @@ impl Vmm {
             &mut mmio,
             &mut event_manager,
             &config.drives,
+        )?;
+        attach_network(
+            &vm,
+            &mut buses,
+            &guest_memory,
+            &mut mmio,
+            &mut event_manager,
+            &config.network_interfaces,
         )?;
         let buses = Arc::new(buses);
 
@@ -292,6 +307,35 @@ fn attach_drives(
             .map_or_else(|| "/dev/vda".to_string(), |u| format!("PARTUUID={u}"));
         format!("root={device} {}", if d.is_read_only { "ro" } else { "rw" })
     }))
+}
+
+/// Attaches a virtio-net device per interface, each on its TAP.
+fn attach_network(
+    vm: &KvmVm,
+    buses: &mut Buses,
+    mem: &Arc<GuestMemoryMmap>,
+    mmio: &mut MmioDeviceManager,
+    event_manager: &mut EventManager<Subscriber>,
+    interfaces: &[NetworkInterface],
+) -> Result<(), VmmError> {
+    for iface in interfaces {
+        let spec = NetSpec {
+            iface_id: iface.iface_id.clone(),
+            host_dev_name: iface.host_dev_name.clone(),
+            // Validated with the configuration; an unparsable MAC cannot get here.
+            guest_mac: iface.guest_mac.as_deref().and_then(parse_mac),
+        };
+        let net = Arc::new(Mutex::new(Net::new(&spec)?));
+        mmio.attach(
+            vm,
+            buses,
+            mem,
+            &format!("network interface {}", iface.iface_id),
+            net.clone(),
+        )?;
+        event_manager.add_subscriber(net);
+    }
+    Ok(())
 }
 
 /// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus; returns the buses

@@ -1,0 +1,322 @@
+//! The network device: a receive and a transmit queue, the guest MAC in configuration
+//! space, no offloads. Frames move whole between the rings and the backend (the TAP), each
+//! with its 12-byte virtio-net header.
+//!
+//! Receive: a frame read from the backend waits in `rx_frame` until the guest offers a
+//! buffer chain big enough; the backend is not read again meanwhile, so nothing is lost to
+//! a full ring (the TAP's own queue holds the rest). Transmit: each chain is gathered into
+//! one frame and written. Chains with descriptors of the wrong direction, outside guest
+//! memory or too large are dropped and counted; the VMM keeps running.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::{Tap, VNET_HDR_LEN};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+};
+
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+pub const QUEUE_SIZE: u16 = 256;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Largest frame handled: a 64 KiB packet plus Ethernet and virtio-net headers.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535;
+/// Offset of `num_buffers` in the virtio-net header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+/// Where frames go to and come from: the TAP in production.
+pub trait FrameBackend: AsRawFd + Send {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
+}
+
+impl FrameBackend for Tap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Tap::read_frame(self, buf)
+    }
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+        Tap::write_frame(self, frame)
+    }
+}
+
+/// Errors while creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("network-interfaces[{0}].host_dev_name: cannot open TAP {1}: {2}")]
+    OpenTap(String, String, io::Error),
+    #[error("network-interfaces[{0}]: cannot create an eventfd: {1}")]
+    EventFd(String, io::Error),
+    #[error("network-interfaces[{0}]: cannot create a queue: {1:?}")]
+    Queue(String, virtio_queue::Error),
+}
+
+/// What an interface is made of, from the configuration.
+#[derive(Debug, Clone)]
+pub struct NetSpec {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    pub guest_mac: Option<[u8; 6]>,
+}
+
+/// Per-device counters, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub rx_dropped: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub invalid_chains: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+pub(super) struct Active {
+    pub mem: Arc<GuestMemoryMmap>,
+    pub interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-net device over a frame backend.
+pub struct Net<B: FrameBackend = Tap> {
+    pub iface_id: String,
+    pub(super) backend: B,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; 6],
+    queues: Vec<Queue>,
+    pub(super) queue_events: Vec<EventFd>,
+    pub(super) activate_event: EventFd,
+    pub(super) active: Option<Active>,
+    rx_frame: Vec<u8>,
+    rx_pending: Option<usize>,
+    tx_frame: Vec<u8>,
+    pub counters: Arc<NetCounters>,
+}
+
+impl Net<Tap> {
+    /// Opens the TAP and builds the device.
+    pub fn new(spec: &NetSpec) -> Result<Self, NetError> {
+        let tap = Tap::open(&spec.host_dev_name)
+            .map_err(|e| NetError::OpenTap(spec.iface_id.clone(), spec.host_dev_name.clone(), e))?;
+        Self::with_backend(spec, tap)
+    }
+}
+
+impl<B: FrameBackend> Net<B> {
+    pub fn with_backend(spec: &NetSpec, backend: B) -> Result<Self, NetError> {
+        let id = &spec.iface_id;
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| NetError::EventFd(id.clone(), e));
+        let queue = || Queue::new(QUEUE_SIZE).map_err(|e| NetError::Queue(id.clone(), e));
+        let mut avail_features = VIRTIO_F_VERSION_1;
+        if spec.guest_mac.is_some() {
+            avail_features |= VIRTIO_NET_F_MAC;
+        }
+        Ok(Self {
+            iface_id: id.clone(),
+            backend,
+            avail_features,
+            acked_features: 0,
+            config: spec.guest_mac.unwrap_or_default(),
+            queues: vec![queue()?, queue()?],
+            queue_events: vec![evt()?, evt()?],
+            activate_event: evt()?,
+            active: None,
+            rx_frame: vec![0; MAX_FRAME],
+            rx_pending: None,
+            tx_frame: vec![0; MAX_FRAME],
+            counters: Arc::new(NetCounters::default()),
+        })
+    }
+
+    /// Moves frames from the backend into guest buffers; true when the guest should be told.
+    pub fn process_rx(&mut self) -> bool {
+        let Some(active) = &self.active else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let mut used_any = false;
+        loop {
+            let len = match self.rx_pending {
+                Some(len) => len,
+                None => match self.backend.read_frame(&mut self.rx_frame) {
+                    Ok(len) if len >= VNET_HDR_LEN => len,
+                    Ok(_) => {
+                        bump(&self.counters.rx_dropped, 1);
+                        continue;
+                    }
+                    // WouldBlock: drained. Other errors: the TAP went away; try again on
+                    // the next event rather than spin.
+                    Err(_) => break,
+                },
+            };
+            self.rx_pending = Some(len);
+            let Some(chain) = self.queues[RX].pop_descriptor_chain(mem.as_ref()) else {
+                break;
+            };
+            self.rx_pending = None;
+            let head = chain.head_index();
+            // Without mergeable buffers every frame takes exactly one chain.
+            self.rx_frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+            let written = match scatter(&mem, chain, &self.rx_frame[..len]) {
+                Some(written) => {
+                    bump(&self.counters.rx_frames, 1);
+                    bump(&self.counters.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                    written
+                }
+                None => {
+                    bump(&self.counters.rx_dropped, 1);
+                    bump(&self.counters.invalid_chains, 1);
+                    0
+                }
+            };
+            if self.queues[RX]
+                .add_used(mem.as_ref(), head, written)
+                .is_err()
+            {
+                bump(&self.counters.invalid_chains, 1);
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    /// Sends every frame the guest queued; true when the guest should be told.
+    pub fn process_tx(&mut self) -> bool {
+        let Some(active) = &self.active else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let mut used_any = false;
+        while let Some(chain) = self.queues[TX].pop_descriptor_chain(mem.as_ref()) {
+            let head = chain.head_index();
+            match gather(&mem, chain, &mut self.tx_frame) {
+                Some(len) if len >= VNET_HDR_LEN => {
+                    match self.backend.write_frame(&self.tx_frame[..len]) {
+                        Ok(_) => {
+                            bump(&self.counters.tx_frames, 1);
+                            bump(&self.counters.tx_bytes, (len - VNET_HDR_LEN) as u64);
+                        }
+                        // A full or vanished TAP drops the frame, as a congested link would.
+                        Err(_) => bump(&self.counters.tx_dropped, 1),
+                    }
+                }
+                _ => {
+                    bump(&self.counters.tx_dropped, 1);
+                    bump(&self.counters.invalid_chains, 1);
+                }
+            }
+            if self.queues[TX].add_used(mem.as_ref(), head, 0).is_err() {
+                bump(&self.counters.invalid_chains, 1);
+            }
+            used_any = true;
+        }
+        used_any
+    }
+}
+
+/// Copies `frame` into the chain's device-writable buffers; None if the chain has a
+/// read-only buffer, lies outside memory, or is too small.
+fn scatter(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &[u8],
+) -> Option<u32> {
+    let mut done = 0;
+    for desc in chain {
+        if done == frame.len() {
+            break;
+        }
+        if !desc.is_write_only() {
+            return None;
+        }
+        let n = (desc.len() as usize).min(frame.len() - done);
+        mem.write_slice(&frame[done..done + n], desc.addr()).ok()?;
+        done += n;
+    }
+    (done == frame.len()).then_some(done as u32)
+}
+
+/// Collects the chain's driver-readable buffers into `frame`; None if the chain has a
+/// writable buffer, lies outside memory, or exceeds `frame`.
+fn gather(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &mut [u8],
+) -> Option<usize> {
+    let mut len = 0usize;
+    for desc in chain {
+        let n = desc.len() as usize;
+        if desc.is_write_only() || len + n > frame.len() {
+            return None;
+        }
+        mem.read_slice(&mut frame[len..len + n], desc.addr()).ok()?;
+        len += n;
+    }
+    Some(len)
+}
+
+impl<B: FrameBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is the host's choice; VIRTIO_NET_F_CTRL_MAC_ADDR is not offered.
+    }
+
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if let Some(i) = self.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::BadQueue(i));
+        }
+        self.active = Some(Active { mem, interrupt });
+        self.activate_event.write(1).map_err(ActivateError::Signal)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.rx_pending = None;
+    }
+}
