@@ -1,0 +1,141 @@
+//! virtio-net with a real guest: a TAP in a network namespace made by the test, the guest
+//! configured by `ip=`, the guest pings the host, and TCP transfers both ways have their
+//! checksums compared.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use testbed::{shell_quote, Artifacts, GuestSpec, Job};
+
+const GUEST_TO_HOST: u64 = 100 << 20;
+const HOST_TO_GUEST: u64 = 16 << 20;
+
+/// Host side: receive GUEST_TO_HOST bytes on port 5000 and hash them, then send a file on
+/// port 5001. Runs inside the namespace, on the TAP's address only.
+const SERVER: &str = r#"
+import hashlib, socket, sys
+want, send_path = int(sys.argv[1]), sys.argv[2]
+def listener(port):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("172.16.0.1", port))
+    s.listen(1)
+    s.settimeout(600)
+    return s
+inbound, outbound = listener(5000), listener(5001)
+open("server.ready", "w").close()
+conn, _ = inbound.accept()
+digest, got = hashlib.md5(), 0
+while got < want:
+    data = conn.recv(1 << 20)
+    if not data:
+        break
+    digest.update(data)
+    got += len(data)
+conn.close()
+print(f"received {got} {digest.hexdigest()}", flush=True)
+conn, _ = outbound.accept()
+with open(send_path, "rb") as f:
+    conn.sendall(f.read())
+conn.close()
+"#;
+
+#[test]
+fn ping_and_tcp_transfers_cross_the_tap_intact() {
+    let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
+    let script = format!(
+        r#"set -e
+ns=ember-net-$$
+ip netns add $ns
+trap 'ip netns del $ns' EXIT
+head -c {HOST_TO_GUEST} /dev/urandom > outbound.bin
+md5sum outbound.bin > outbound.md5
+ip netns exec $ns bash -c '
+set -e
+ip link set lo up
+ip tuntap add dev tap0 mode tap
+ip addr add 172.16.0.1/24 dev tap0
+ip link set tap0 up
+python3 server.py {GUEST_TO_HOST} outbound.bin > server.out 2> server.err &
+while [ ! -e server.ready ]; do sleep 0.1; done
+{ember} --no-api --config-file vm.json > vm.out 2> vm.err < /dev/null
+wait
+'
+"#,
+        ember = shell_quote(&art.ember)
+    );
+    let job = Job::new("net", script).timeout(Duration::from_secs(900));
+    job.write_file("server.py", SERVER);
+    let root = job.dir().join("root.ext4");
+    let copied = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&art.rootfs)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let guest_script = format!(
+        "set -e; ping -c 3 -W 5 172.16.0.1; head -c {GUEST_TO_HOST} /dev/urandom > /tmp/f; \
+         md5sum /tmp/f; nc 172.16.0.1 5000 < /tmp/f; nc 172.16.0.1 5001 > /tmp/g; md5sum /tmp/g; \
+         ls -l /tmp/g"
+    );
+    let mut guest = GuestSpec::with_root_running(&art, &root, &guest_script);
+    guest.mem_mib = 512;
+    guest.boot_args = format!(
+        "ip=172.16.0.2::172.16.0.1:255.255.255.0::eth0:off {}",
+        guest.boot_args
+    );
+    let mut config: serde_json::Value = serde_json::from_str(&guest.config_json()).unwrap();
+    config["network-interfaces"] = serde_json::json!([
+        {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}
+    ]);
+    job.write_file("vm.json", &config.to_string());
+
+    let out = job.run().unwrap_or_else(|e| panic!("{e}"));
+    let read = |name: &str| fs::read_to_string(job.dir().join(name)).unwrap_or_default();
+    let console = read("vm.out");
+    let context = format!(
+        "{out}\n--- guest\n{console}\n--- server\n{}{}",
+        read("server.out"),
+        read("server.err")
+    );
+    assert_eq!(out.status, 0, "{context}");
+    assert!(
+        console.contains("ember-init: run exited with status 0"),
+        "{context}"
+    );
+    assert!(
+        console.contains("3 packets transmitted, 3 packets received"),
+        "{context}"
+    );
+
+    let guest_sums: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("/tmp/f") || l.contains("/tmp/g"))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|h| h.len() == 32)
+        .collect();
+    assert_eq!(guest_sums.len(), 2, "{context}");
+    let server = read("server.out");
+    let received: Vec<&str> = server.split_whitespace().collect();
+    assert_eq!(received.first(), Some(&"received"), "{context}");
+    assert_eq!(
+        received[1],
+        GUEST_TO_HOST.to_string(),
+        "bytes the host received"
+    );
+    assert_eq!(received[2], guest_sums[0], "guest -> host checksum");
+    let sent = read("outbound.md5");
+    assert_eq!(
+        sent.split_whitespace().next(),
+        Some(guest_sums[1]),
+        "host -> guest checksum"
+    );
+    assert!(
+        console.contains(&format!(" {HOST_TO_GUEST} ")),
+        "guest received every byte: {context}"
+    );
+}
