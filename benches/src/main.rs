@@ -103,10 +103,7 @@ fn boot_bench(args: &BootArgs) -> Result<(), String> {
     });
     print_table(args, environment, &results);
     if let Some(path) = &args.json {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
+        ensure_parent_dir(path)?;
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -176,12 +173,18 @@ fn rerun_nested(args: &BootArgs) -> Result<(), String> {
         ));
     }
     if let Some(path) = &args.json {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
+        ensure_parent_dir(path)?;
         std::fs::copy(job.dir().join("result.json"), path)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// Creates the directory a result file goes into.
+fn ensure_parent_dir(path: &std::path::Path) -> Result<(), String> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display())),
+        None => Ok(()),
+    }
 }
