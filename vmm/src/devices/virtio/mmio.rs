@@ -307,3 +307,191 @@ impl BusDevice for MmioTransport {
         self.write_register(offset, u32::from_le_bytes(bytes));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::{Block, DriveSpec};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Rig {
+        transport: MmioTransport,
+        block: Arc<Mutex<Block>>,
+    }
+
+    fn rig(name: &str) -> Rig {
+        let path = std::env::temp_dir().join(format!("ember-mmio-{}-{name}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let spec = DriveSpec {
+            drive_id: "d".into(),
+            path,
+            read_only: false,
+            flush_to_disk: false,
+        };
+        let block = Arc::new(Mutex::new(Block::new(&spec).unwrap()));
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        Rig {
+            transport: MmioTransport::new(block.clone(), mem, interrupt),
+            block,
+        }
+    }
+
+    impl Rig {
+        fn read(&mut self, offset: u64) -> u32 {
+            let mut data = [0u8; 4];
+            self.transport.read(offset, &mut data);
+            u32::from_le_bytes(data)
+        }
+        fn write(&mut self, offset: u64, value: u32) {
+            self.transport.write(offset, &value.to_le_bytes());
+        }
+        fn negotiate(&mut self, features_high: u32) {
+            self.write(reg::STATUS, status::ACKNOWLEDGE);
+            self.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+            self.write(reg::DRIVER_FEATURES_SEL, 1);
+            self.write(reg::DRIVER_FEATURES, features_high);
+            self.write(
+                reg::STATUS,
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            );
+        }
+        fn setup_queue(&mut self, desc: u32) {
+            self.write(reg::QUEUE_SEL, 0);
+            self.write(reg::QUEUE_NUM, 16);
+            self.write(reg::QUEUE_DESC_LOW, desc);
+            self.write(reg::QUEUE_DRIVER_LOW, desc + 0x1000);
+            self.write(reg::QUEUE_DEVICE_LOW, desc + 0x2000);
+            self.write(reg::QUEUE_READY, 1);
+        }
+        fn out_of_sequence(&self) -> u64 {
+            self.transport
+                .counters
+                .out_of_sequence
+                .load(Ordering::Relaxed)
+        }
+    }
+
+    const ALL_BUT_OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+
+    #[test]
+    fn identity_registers() {
+        let mut r = rig("identity");
+        assert_eq!(r.read(reg::MAGIC), MAGIC);
+        assert_eq!(r.read(reg::VERSION), 2);
+        assert_eq!(r.read(reg::DEVICE_ID), crate::devices::virtio::TYPE_BLOCK);
+        r.write(reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r.read(reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        assert_eq!(r.read(reg::QUEUE_NUM_MAX), 256);
+        let mut narrow = [0xffu8; 2];
+        r.transport.read(reg::MAGIC, &mut narrow);
+        assert_eq!(narrow, [0, 0]);
+        assert_eq!(r.transport.counters.bad_access.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn full_handshake_activates_the_device() {
+        let mut r = rig("handshake");
+        r.negotiate(1);
+        assert_eq!(r.read(reg::STATUS), ALL_BUT_OK);
+        r.setup_queue(0x1_0000);
+        r.write(reg::STATUS, ALL_BUT_OK | status::DRIVER_OK);
+        assert_eq!(r.read(reg::STATUS), ALL_BUT_OK | status::DRIVER_OK);
+        assert!(r.block.lock().unwrap().is_activated());
+        assert_eq!(r.out_of_sequence(), 0);
+    }
+
+    #[test]
+    fn legacy_or_unoffered_features_are_refused() {
+        let mut r = rig("legacy");
+        r.negotiate(0);
+        assert_eq!(r.read(reg::STATUS) & status::FEATURES_OK, 0, "no VERSION_1");
+        let mut r = rig("unoffered");
+        r.negotiate(1 | 1 << 7);
+        assert_eq!(
+            r.read(reg::STATUS) & status::FEATURES_OK,
+            0,
+            "bit 39 is not offered"
+        );
+    }
+
+    #[test]
+    fn out_of_order_steps_are_ignored() {
+        let mut r = rig("order");
+        r.write(reg::STATUS, status::DRIVER);
+        assert_eq!(r.read(reg::STATUS), 0, "DRIVER before ACKNOWLEDGE");
+        r.setup_queue(0x1_0000);
+        assert_eq!(
+            r.read(reg::QUEUE_READY),
+            0,
+            "queue set-up before FEATURES_OK"
+        );
+        r.write(reg::STATUS, status::ACKNOWLEDGE);
+        r.write(
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert!(
+            !r.block.lock().unwrap().is_activated(),
+            "activation before FEATURES_OK"
+        );
+        assert!(r.out_of_sequence() >= 3);
+    }
+
+    #[test]
+    fn queue_changes_after_driver_ok_are_ignored() {
+        let mut r = rig("after-ok");
+        r.negotiate(1);
+        r.setup_queue(0x1_0000);
+        r.write(reg::STATUS, ALL_BUT_OK | status::DRIVER_OK);
+        let before = r.out_of_sequence();
+        r.write(reg::QUEUE_DESC_LOW, 0xdead_0000);
+        r.write(reg::DRIVER_FEATURES, 0);
+        assert_eq!(r.out_of_sequence(), before + 2);
+    }
+
+    #[test]
+    fn rings_outside_memory_need_a_reset() {
+        let mut r = rig("bad-rings");
+        r.negotiate(1);
+        r.setup_queue(0xfff0_0000);
+        r.write(reg::STATUS, ALL_BUT_OK | status::DRIVER_OK);
+        assert_eq!(r.read(reg::STATUS), ALL_BUT_OK | status::DEVICE_NEEDS_RESET);
+        assert!(!r.block.lock().unwrap().is_activated());
+        assert_eq!(r.read(reg::INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+    }
+
+    const INT_CONFIG: u32 = crate::devices::virtio::INT_CONFIG_CHANGE;
+
+    #[test]
+    fn reset_returns_everything_to_the_start() {
+        let mut r = rig("reset");
+        r.negotiate(1);
+        r.setup_queue(0x1_0000);
+        r.write(reg::STATUS, ALL_BUT_OK | status::DRIVER_OK);
+        r.write(reg::STATUS, 0);
+        assert_eq!(r.read(reg::STATUS), 0);
+        assert_eq!(r.read(reg::QUEUE_READY), 0);
+        assert!(!r.block.lock().unwrap().is_activated());
+        // And the device can be brought up again.
+        r.negotiate(1);
+        r.setup_queue(0x1_0000);
+        r.write(reg::STATUS, ALL_BUT_OK | status::DRIVER_OK);
+        assert!(r.block.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn failed_sticks_and_bad_queue_selectors_are_harmless() {
+        let mut r = rig("failed");
+        r.write(reg::QUEUE_SEL, 7);
+        assert_eq!(r.read(reg::QUEUE_NUM_MAX), 0);
+        r.write(reg::STATUS, status::ACKNOWLEDGE);
+        r.write(reg::STATUS, status::ACKNOWLEDGE | status::FAILED);
+        assert_ne!(r.read(reg::STATUS) & status::FAILED, 0);
+        r.write(reg::QUEUE_NOTIFY, 9);
+        r.write(0x0c8, 1);
+        assert!(r.transport.counters.bad_access.load(Ordering::Relaxed) >= 2);
+    }
+}
