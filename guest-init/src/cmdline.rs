@@ -59,6 +59,38 @@ pub fn split_args(cmdline: &str) -> Vec<String> {
     args
 }
 
+/// The block root the kernel command line names: `root=`, `rootfstype=`, `ro`/`rw`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootSpec {
+    pub device: String,
+    pub fstype: String,
+    pub read_only: bool,
+}
+
+impl RootSpec {
+    /// The last `root=` wins, as in the kernel; without `rw` the root is mounted read-only.
+    pub fn from_args(args: &[String]) -> Option<Self> {
+        let args = args.split(|a| a == "--").next().unwrap_or(&[]);
+        let value = |key: &str| {
+            args.iter()
+                .rev()
+                .find_map(|a| a.strip_prefix(key))
+                .map(str::to_string)
+        };
+        let device = value("root=").filter(|d| !d.is_empty())?;
+        let read_only = args
+            .iter()
+            .rev()
+            .find(|a| *a == "ro" || *a == "rw")
+            .is_none_or(|a| a == "ro");
+        Some(Self {
+            device,
+            fstype: value("rootfstype=").unwrap_or_else(|| "ext4".into()),
+            read_only,
+        })
+    }
+}
+
 /// The most a hostname may hold (HOST_NAME_MAX).
 const HOSTNAME_MAX: usize = 64;
 
@@ -130,6 +162,30 @@ mod tests {
         assert_eq!(parse("-- ember.test=poweroff").0, InitOptions::default());
         let ip = "ip=172.16.0.2::172.16.0.1:255.255.255.0::eth0:off";
         assert_eq!(parse(ip).0.ip.as_deref(), Some(&ip[3..]));
+    }
+
+    #[test]
+    fn root_spec_follows_the_kernel() {
+        let args = split_args("console=ttyS0 root=/dev/vda rw quiet");
+        assert_eq!(
+            RootSpec::from_args(&args),
+            Some(RootSpec {
+                device: "/dev/vda".into(),
+                fstype: "ext4".into(),
+                read_only: false
+            })
+        );
+        let args = split_args("root=/dev/vda root=PARTUUID=ab-01 rootfstype=ext2");
+        let spec = RootSpec::from_args(&args).unwrap();
+        assert_eq!(
+            (spec.device.as_str(), spec.fstype.as_str(), spec.read_only),
+            ("PARTUUID=ab-01", "ext2", true)
+        );
+        assert_eq!(
+            RootSpec::from_args(&split_args("quiet -- root=/dev/vda")),
+            None
+        );
+        assert_eq!(RootSpec::from_args(&split_args("root=")), None);
     }
 
     #[test]

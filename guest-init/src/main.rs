@@ -1,5 +1,6 @@
 //! ember-init: PID 1 of an Ember guest. Top to bottom: mount the pseudo filesystems, make
-//! sure the console is stdio, read `ember.*` options, set the hostname, say "ready" (console
+//! sure the console is stdio, hand over to a block root if the initramfs is only a stage
+//! (`root=` given), read `ember.*` options, set the hostname, say "ready" (console
 //! line and the boot-timer port), run the `ember.run` command if there is one, then reap
 //! children until asked to power off.
 
@@ -13,6 +14,7 @@ use guest_init::ipconfig::IpConfig;
 use guest_init::{cmdline, report};
 
 mod netif;
+mod switch_root;
 
 /// Ember's boot-timer port and the value that marks boot complete (see the VMM's
 /// `devices::legacy::boot_timer`).
@@ -31,6 +33,13 @@ fn run() -> Result<()> {
     mount_pseudo_filesystems()?;
     ensure_console_stdio();
     let text = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
+    if switch_root::running_from_initramfs() {
+        if let Some(root) = cmdline::RootSpec::from_args(&cmdline::split_args(&text)) {
+            let Err(e) = switch_root::switch_to(&root);
+            eprintln!("ember-init: {e:#}; staying on the initramfs");
+            mount_pseudo_filesystems()?;
+        }
+    }
     let (options, warnings) = cmdline::parse(&text);
     for warning in warnings {
         eprintln!("ember-init: {warning}");
