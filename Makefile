@@ -5,7 +5,7 @@
 CARGO ?= cargo
 TESTBED := target/release/ember-testbed
 
-.PHONY: all deps build run test lint unit bench clean
+.PHONY: all deps build run test lint unit bench rootfs-debian clean
 
 all: build
 
@@ -31,6 +31,10 @@ test: build lint
 
 bench: build
 	target/release/ember-bench boot --runs 10 --json target/bench/boot.json
+
+# Opt-in: Debian bookworm (minbase, python3, git) root image, ~425 MiB, about a minute.
+rootfs-debian: build
+	./resources/rootfs-debian.sh resources/out/ember-init resources/out/rootfs-debian.ext4
 
 clean:
 	$(CARGO) clean
