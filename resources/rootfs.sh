@@ -18,6 +18,9 @@ while read -r applet; do
     [ -e "$stage/$applet" ] || ln -s /bin/busybox "$stage/$applet"
 done < <(/bin/busybox --list-full)
 install -m 0755 "$init_bin" "$stage/sbin/init"
+# The guest side of `ember-bench devices`, when built next to ember-init.
+iobench="$(dirname "$init_bin")/ember-iobench"
+[ -x "$iobench" ] && install -m 0755 "$iobench" "$stage/usr/bin/ember-iobench"
 echo "ember" > "$stage/etc/hostname"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$stage/etc/passwd"
 printf 'root:x:0:\n' > "$stage/etc/group"

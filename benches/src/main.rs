@@ -3,12 +3,14 @@
 //! and as JSON for harnesses. Where KVM cannot boot stock guests the benchmark re-runs
 //! itself inside the nested test bed, where only the ratios are meaningful.
 //!
-//! `ember-bench boot [--runs N] [--vcpus N] [--mem MIB] [--json PATH] [--no-peer]`
+//! `ember-bench boot [--runs N] [--vcpus N] [--mem MIB] [--rootfs] [--json PATH] [--no-peer]`
+//! `ember-bench devices [--runs N] [--seconds S] [--net-mib M] [--json PATH]`
 
 mod boot;
+mod devices;
 mod stats;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,12 +26,21 @@ use testbed::{placement, shell_quote, Artifacts, GuestSpec, Job, Placement};
 struct Cli {
     #[command(subcommand)]
     command: Bench,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "PATH", global = true)]
+    json: Option<PathBuf>,
+    /// Where to put generated configs and images (default: target/bench).
+    #[arg(long, value_name = "DIR", global = true)]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Bench {
     /// Process start to guest ready (ember-init's ready line), Ember vs QEMU microvm.
     Boot(BootArgs),
+    /// Disk (sequential 1 MiB, random 4 KiB, direct I/O) and TCP throughput in the guest,
+    /// Ember vs QEMU microvm.
+    Devices(DevicesArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -42,23 +53,30 @@ struct BootArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     mem: u32,
-    /// Also write the results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    json: Option<PathBuf>,
+    /// Boot from the ext4 root drive (resources/out/rootfs.ext4) instead of the initramfs.
+    #[arg(long)]
+    rootfs: bool,
     /// Measure Ember alone.
     #[arg(long)]
     no_peer: bool,
-    /// Where to write generated VM configs (default: target/bench).
-    #[arg(long, value_name = "DIR")]
-    work_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct DevicesArgs {
+    /// Runs per VMM.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per disk test.
+    #[arg(long, default_value_t = 3)]
+    seconds: u32,
+    /// MiB sent each way over TCP.
+    #[arg(long, default_value_t = 64)]
+    net_mib: u64,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Bench::Boot(args) => boot_bench(&args),
-    };
-    match result {
+    match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ember-bench: {e}");
@@ -67,42 +85,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn boot_bench(args: &BootArgs) -> Result<(), String> {
-    if args.runs == 0 {
-        return Err("--runs must be at least 1".into());
-    }
+fn run(cli: &Cli) -> Result<(), String> {
     let art = Artifacts::locate()?;
     if placement()? == Placement::Nested {
-        return rerun_nested(args);
+        return rerun_nested(cli);
     }
-    let spec = GuestSpec {
-        vcpus: args.vcpus,
-        mem_mib: args.mem,
-        ..GuestSpec::standard(&art)
-    };
-    let work = args
+    let work = cli
         .work_dir
         .clone()
         .unwrap_or_else(|| testbed::repo_root().join("target/bench"));
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    let results = boot::compare(args.runs, &art, &spec, &work, !args.no_peer)?;
-    let environment = if std::env::var("EMBER_TESTBED_LEVEL").is_ok() {
-        "nested test bed (QEMU TCG level 1, absolute times ~50x slower; compare ratios)"
-    } else {
-        "direct (hardware KVM)"
+    let report = match &cli.command {
+        Bench::Boot(args) => boot_bench(args, &art, &work)?,
+        Bench::Devices(args) => devices_bench(args, &art, &work)?,
     };
-    let report = json!({
-        "benchmark": "boot",
-        "metric": "VMM process start to ember-init ready line on the serial console",
-        "environment": environment,
-        "runs": args.runs,
-        "guest": {"vcpus": spec.vcpus, "mem_mib": spec.mem_mib, "kernel": spec.kernel,
-                  "initrd": spec.initrd, "boot_args": spec.boot_args},
-        "results": results,
-        "peer_over_ember": ratios(&results),
-    });
-    print_table(args, environment, &results);
-    if let Some(path) = &args.json {
+    if let Some(path) = &cli.json {
         ensure_parent_dir(path)?;
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n")
@@ -111,58 +108,154 @@ fn boot_bench(args: &BootArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Peer time divided by Ember time (above 1: Ember is faster).
-fn ratios(results: &[boot::VmmResult]) -> serde_json::Value {
-    match results {
-        [ember, peer, ..] => json!({
-            "median": peer.to_ready.median_ms / ember.to_ready.median_ms,
-            "p90": peer.to_ready.p90_ms / ember.to_ready.p90_ms,
-        }),
-        _ => serde_json::Value::Null,
+fn environment() -> &'static str {
+    if std::env::var("EMBER_TESTBED_LEVEL").is_ok() {
+        "nested test bed (QEMU TCG level 1, absolute times ~50x slower; compare ratios)"
+    } else {
+        "direct (hardware KVM)"
     }
 }
 
-fn print_table(args: &BootArgs, environment: &str, results: &[boot::VmmResult]) {
+fn boot_bench(args: &BootArgs, art: &Artifacts, work: &Path) -> Result<serde_json::Value, String> {
+    if args.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let mut spec = GuestSpec {
+        vcpus: args.vcpus,
+        mem_mib: args.mem,
+        ..GuestSpec::standard(art)
+    };
+    if args.rootfs {
+        let root = work.join("boot-root.ext4");
+        std::fs::copy(&art.rootfs, &root).map_err(|e| format!("cannot copy the rootfs: {e}"))?;
+        spec.initrd = None;
+        spec.drives
+            .push(testbed::drive("rootfs", &root, true, false));
+    }
+    let results = boot::compare(args.runs, art, &spec, work, !args.no_peer)?;
+    let root = if args.rootfs {
+        "ext4 root drive"
+    } else {
+        "initramfs"
+    };
     println!(
-        "boot: process start -> guest ready ({} runs, {} vCPU, {} MiB; {environment})",
-        args.runs, args.vcpus, args.mem
+        "boot: process start -> guest ready ({} runs, {} vCPU, {} MiB, {root}; {})",
+        args.runs,
+        args.vcpus,
+        args.mem,
+        environment()
     );
     println!(
         "{:<14} {:>12} {:>12} {:>22}",
         "vmm", "median ms", "p90 ms", "guest uptime median ms"
     );
-    for r in results {
+    for r in &results {
         println!(
             "{:<14} {:>12.1} {:>12.1} {:>22.1}",
-            r.vmm, r.to_ready.median_ms, r.to_ready.p90_ms, r.guest_uptime_at_ready.median_ms
+            r.vmm, r.to_ready_ms.median, r.to_ready_ms.p90, r.guest_uptime_at_ready_ms.median
         );
     }
-    if let [ember, peer, ..] = results {
-        println!(
-            "{} / ember: {:.2}x at the median, {:.2}x at p90",
-            peer.vmm,
-            peer.to_ready.median_ms / ember.to_ready.median_ms,
-            peer.to_ready.p90_ms / ember.to_ready.p90_ms
-        );
-    }
+    let ratios = match results.as_slice() {
+        [ember, peer, ..] => {
+            let (median, p90) = (
+                peer.to_ready_ms.median / ember.to_ready_ms.median,
+                peer.to_ready_ms.p90 / ember.to_ready_ms.p90,
+            );
+            println!(
+                "{} / ember: {median:.2}x at the median, {p90:.2}x at p90",
+                peer.vmm
+            );
+            json!({"median": median, "p90": p90})
+        }
+        _ => serde_json::Value::Null,
+    };
+    Ok(json!({
+        "benchmark": "boot",
+        "metric": "VMM process start to ember-init ready line on the serial console",
+        "environment": environment(),
+        "runs": args.runs,
+        "guest": {"vcpus": spec.vcpus, "mem_mib": spec.mem_mib, "root": root, "kernel": spec.kernel,
+                  "boot_args": spec.boot_args},
+        "results": results,
+        "peer_over_ember": ratios,
+    }))
 }
 
-/// Runs this same benchmark inside the nested test bed and relays its output.
-fn rerun_nested(args: &BootArgs) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
-    let mut command = format!(
-        "{} boot --runs {} --vcpus {} --mem {} --json result.json --work-dir .",
-        shell_quote(&exe),
-        args.runs,
-        args.vcpus,
-        args.mem
-    );
-    if args.no_peer {
-        command += " --no-peer";
+fn devices_bench(
+    args: &DevicesArgs,
+    art: &Artifacts,
+    work: &Path,
+) -> Result<serde_json::Value, String> {
+    if args.runs == 0 || args.seconds == 0 || args.net_mib == 0 {
+        return Err("--runs, --seconds and --net-mib must be at least 1".into());
     }
-    let job = Job::new("bench-boot", command)
-        .memory_mib(args.mem.max(512) + 1536)
-        .timeout(Duration::from_secs(120 + 60 * args.runs as u64));
+    let results = devices::compare(args.runs, args.seconds, args.net_mib, art, work)?;
+    println!(
+        "devices: throughput inside the guest ({} runs, {} s per disk test, {} MiB each way; {})",
+        args.runs,
+        args.seconds,
+        args.net_mib,
+        environment()
+    );
+    println!(
+        "{:<26} {:>14} {:>14} {:>16} {:>16} {:>10}",
+        "metric", "ember median", "ember p90", "qemu median", "qemu p90", "ember/qemu"
+    );
+    let mut ratios = serde_json::Map::new();
+    if let [ember, qemu] = results.as_slice() {
+        for (name, e) in &ember.metrics {
+            let Some(q) = qemu.metrics.get(name) else {
+                continue;
+            };
+            let ratio = e.median / q.median;
+            ratios.insert(name.clone(), json!(ratio));
+            println!(
+                "{name:<26} {:>14.1} {:>14.1} {:>16.1} {:>16.1} {:>9.2}x",
+                e.median, e.p90, q.median, q.p90, ratio
+            );
+        }
+    }
+    Ok(json!({
+        "benchmark": "devices",
+        "metric": "higher is better: MiB/s and IOPS measured in the guest (disk) and by the host peer (TCP)",
+        "environment": environment(),
+        "runs": args.runs,
+        "results": results,
+        "ember_over_peer": ratios,
+    }))
+}
+
+/// Runs this same command inside the nested test bed and relays its output.
+fn rerun_nested(cli: &Cli) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let (command, name, mem, minutes) = match &cli.command {
+        Bench::Boot(a) => {
+            let mut c = format!("boot --runs {} --vcpus {} --mem {}", a.runs, a.vcpus, a.mem);
+            if a.no_peer {
+                c += " --no-peer";
+            }
+            if a.rootfs {
+                c += " --rootfs";
+            }
+            (c, "bench-boot", a.mem.max(512) + 1536, 2 + a.runs as u64)
+        }
+        Bench::Devices(a) => (
+            format!(
+                "devices --runs {} --seconds {} --net-mib {}",
+                a.runs, a.seconds, a.net_mib
+            ),
+            "bench-devices",
+            3072,
+            5 + 4 * a.runs as u64,
+        ),
+    };
+    let script = format!(
+        "{} {command} --json result.json --work-dir .",
+        shell_quote(&exe)
+    );
+    let job = Job::new(name, script)
+        .memory_mib(mem)
+        .timeout(Duration::from_secs(60 * minutes));
     let out = job.run()?;
     eprint!("{}", out.stderr);
     print!("{}", out.stdout);
@@ -172,7 +265,7 @@ fn rerun_nested(args: &BootArgs) -> Result<(), String> {
             out.status
         ));
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &cli.json {
         ensure_parent_dir(path)?;
         std::fs::copy(job.dir().join("result.json"), path)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -181,7 +274,7 @@ fn rerun_nested(args: &BootArgs) -> Result<(), String> {
 }
 
 /// Creates the directory a result file goes into.
-fn ensure_parent_dir(path: &std::path::Path) -> Result<(), String> {
+fn ensure_parent_dir(path: &Path) -> Result<(), String> {
     match path.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(parent) => std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display())),

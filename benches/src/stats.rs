@@ -2,14 +2,14 @@
 
 use serde::Serialize;
 
-/// Samples of one measured quantity, in milliseconds.
+/// Samples of one measured quantity, in the unit its name gives.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    pub samples_ms: Vec<f64>,
-    pub median_ms: f64,
-    pub p90_ms: f64,
-    pub min_ms: f64,
-    pub max_ms: f64,
+    pub samples: Vec<f64>,
+    pub median: f64,
+    pub p90: f64,
+    pub min: f64,
+    pub max: f64,
 }
 
 impl Summary {
@@ -18,11 +18,11 @@ impl Summary {
         let mut sorted = samples.to_vec();
         sorted.sort_by(f64::total_cmp);
         Some(Self {
-            samples_ms: samples.to_vec(),
-            median_ms: median(&sorted)?,
-            p90_ms: percentile(&sorted, 90.0)?,
-            min_ms: *sorted.first()?,
-            max_ms: *sorted.last()?,
+            samples: samples.to_vec(),
+            median: median(&sorted)?,
+            p90: percentile(&sorted, 90.0)?,
+            min: *sorted.first()?,
+            max: *sorted.last()?,
         })
     }
 }
@@ -59,6 +59,6 @@ mod tests {
         assert_eq!(median(&[3.0]), Some(3.0));
         assert_eq!(median(&[]), None);
         let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.median_ms, s.min_ms, s.max_ms), (2.0, 1.0, 3.0));
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
     }
 }

@@ -471,6 +471,8 @@ pub struct GuestSpec {
     pub boot_args: String,
     /// `drives[]` entries, in Firecracker's format.
     pub drives: Vec<serde_json::Value>,
+    /// `network-interfaces[]` entries, in Firecracker's format.
+    pub nets: Vec<serde_json::Value>,
 }
 
 impl GuestSpec {
@@ -483,6 +485,7 @@ impl GuestSpec {
             mem_mib: 128,
             boot_args: TEST_BOOT_ARGS.into(),
             drives: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -516,6 +519,9 @@ impl GuestSpec {
         });
         if !self.drives.is_empty() {
             config["drives"] = serde_json::Value::Array(self.drives.clone());
+        }
+        if !self.nets.is_empty() {
+            config["network-interfaces"] = serde_json::Value::Array(self.nets.clone());
         }
         config.to_string()
     }
@@ -589,6 +595,7 @@ mod tests {
             mem_mib: 256,
             boot_args: "quiet".into(),
             drives: Vec::new(),
+            nets: Vec::new(),
         };
         let v: serde_json::Value = serde_json::from_str(&spec.config_json()).unwrap();
         assert_eq!(v["boot-source"]["kernel_image_path"], "/k");

@@ -190,10 +190,21 @@ fn initramfs_stage_hands_over_to_the_block_root() {
     let job = Job::new("switch-root", ember_script(&art)).timeout(Duration::from_secs(600));
     let root = private_rootfs(&job, &art);
     // busybox exists only on the block root, not in the initramfs.
-    let mut guest = GuestSpec::with_root_running(&art, &root, "test -x /bin/busybox; grep ' / ' /proc/mounts");
+    let mut guest =
+        GuestSpec::with_root_running(&art, &root, "test -x /bin/busybox; grep ' / ' /proc/mounts");
     guest.initrd = Some(art.initramfs.clone());
     let console = boot(&job, &guest);
-    assert!(console.contains("ember-init: switching root to /dev/vda"), "{console}");
-    assert!(console.contains("/dev/root / ext4 rw") || console.contains("/dev/vda / ext4 rw"), "{console}");
-    assert_eq!(console.matches("ember-init: ready in").count(), 1, "one ready line, from the new root: {console}");
+    assert!(
+        console.contains("ember-init: switching root to /dev/vda"),
+        "{console}"
+    );
+    assert!(
+        console.contains("/dev/root / ext4 rw") || console.contains("/dev/vda / ext4 rw"),
+        "{console}"
+    );
+    assert_eq!(
+        console.matches("ember-init: ready in").count(),
+        1,
+        "one ready line, from the new root: {console}"
+    );
 }

@@ -13,36 +13,6 @@ use testbed::{shell_quote, Artifacts, GuestSpec, Job};
 const GUEST_TO_HOST: u64 = 100 << 20;
 const HOST_TO_GUEST: u64 = 16 << 20;
 
-/// Host side: receive GUEST_TO_HOST bytes on port 5000 and hash them, then send a file on
-/// port 5001. Runs inside the namespace, on the TAP's address only.
-const SERVER: &str = r#"
-import hashlib, socket, sys
-want, send_path = int(sys.argv[1]), sys.argv[2]
-def listener(port):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("172.16.0.1", port))
-    s.listen(1)
-    s.settimeout(600)
-    return s
-inbound, outbound = listener(5000), listener(5001)
-open("server.ready", "w").close()
-conn, _ = inbound.accept()
-digest, got = hashlib.md5(), 0
-while got < want:
-    data = conn.recv(1 << 20)
-    if not data:
-        break
-    digest.update(data)
-    got += len(data)
-conn.close()
-print(f"received {got} {digest.hexdigest()}", flush=True)
-conn, _ = outbound.accept()
-with open(send_path, "rb") as f:
-    conn.sendall(f.read())
-conn.close()
-"#;
-
 #[test]
 fn ping_and_tcp_transfers_cross_the_tap_intact() {
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
@@ -59,16 +29,16 @@ ip link set lo up
 ip tuntap add dev tap0 mode tap
 ip addr add 172.16.0.1/24 dev tap0
 ip link set tap0 up
-python3 server.py {GUEST_TO_HOST} outbound.bin > server.out 2> server.err &
+python3 {peer} 172.16.0.1 {GUEST_TO_HOST} outbound.bin > server.out 2> server.err &
 while [ ! -e server.ready ]; do sleep 0.1; done
 {ember} --no-api --config-file vm.json > vm.out 2> vm.err < /dev/null
 wait
 '
 "#,
-        ember = shell_quote(&art.ember)
+        ember = shell_quote(&art.ember),
+        peer = shell_quote(&testbed::repo_root().join("tests/testbed/tcp_peer.py")),
     );
     let job = Job::new("net", script).timeout(Duration::from_secs(900));
-    job.write_file("server.py", SERVER);
     let root = job.dir().join("root.ext4");
     let copied = Command::new("cp")
         .arg("--sparse=always")
@@ -88,11 +58,10 @@ wait
         "ip=172.16.0.2::172.16.0.1:255.255.255.0::eth0:off {}",
         guest.boot_args
     );
-    let mut config: serde_json::Value = serde_json::from_str(&guest.config_json()).unwrap();
-    config["network-interfaces"] = serde_json::json!([
+    guest.nets.push(serde_json::json!(
         {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}
-    ]);
-    job.write_file("vm.json", &config.to_string());
+    ));
+    job.write_file("vm.json", &guest.config_json());
 
     let out = job.run().unwrap_or_else(|e| panic!("{e}"));
     let read = |name: &str| fs::read_to_string(job.dir().join(name)).unwrap_or_default();
