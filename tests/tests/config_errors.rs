@@ -207,3 +207,38 @@ fn missing_config_file_and_flags_are_reported() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--no-api"), "{stderr}");
 }
+
+#[test]
+fn missing_drive_image_is_named_before_boot() {
+    let json = config_with(&vmlinux(), 1, 128).replacen(
+        '{',
+        r#"{"drives":[{"drive_id":"data","path_on_host":"/nonexistent/data.img","is_root_device":false}],"#,
+        1,
+    );
+    expect_config_error(
+        "missing-drive",
+        &json,
+        &[
+            "drives[data].path_on_host",
+            "/nonexistent/data.img",
+            "No such file",
+        ],
+    );
+}
+
+#[test]
+fn invalid_drive_and_interface_entries_are_named() {
+    let base = config_with(&vmlinux(), 1, 128);
+    let json = base.replacen(
+        '{',
+        r#"{"drives":[{"drive_id":"a b","path_on_host":"/x","is_root_device":false}],"#,
+        1,
+    );
+    expect_config_error("bad-drive-id", &json, &["drives[0].drive_id"]);
+    let json = base.replacen(
+        '{',
+        r#"{"network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"zz"}],"#,
+        1,
+    );
+    expect_config_error("bad-mac", &json, &["network-interfaces[0].guest_mac"]);
+}

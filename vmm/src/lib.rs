@@ -184,40 +184,14 @@ impl Vmm {
         let exits = Arc::new(Mutex::new(exits));
         event_manager.add_subscriber(exits.clone());
 
-        let (mut buses, console_input) = legacy_devices(&vm, reset, options, console)?;
+        let (buses, console_input) = legacy_devices(&vm, reset, options, console)?;
         event_manager.add_subscriber(console_input);
-        let mut mmio = MmioDeviceManager::new();
-        let root_args = attach_drives(
-            &vm,
-            &mut buses,
-            &guest_memory,
-            &mut mmio,
-            &mut event_manager,
-            &config.drives,
-        )?;
-        attach_network(
-            &vm,
-            &mut buses,
-            &guest_memory,
-            &mut mmio,
-            &mut event_manager,
-            &config.network_interfaces,
-        )?;
-        let buses = Arc::new(buses);
+        let mut devices = DeviceSetup::new(&vm, buses, &guest_memory, &mut event_manager);
+        let root_args = devices.attach_drives(&config.drives)?;
+        devices.attach_network(&config.network_interfaces)?;
+        let (buses, device_args) = devices.finish();
 
-        let cmdline = [
-            mmio.kernel_args(),
-            root_args,
-            boot_source.boot_args().to_string(),
-        ]
-        .iter()
-        .filter(|part| !part.is_empty())
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(" ");
-        if cmdline.len() >= MAX_BOOT_ARGS_LEN {
-            return Err(VmmError::CmdlineTooLong(cmdline.len()));
-        }
+        let cmdline = compose_cmdline(&[&device_args, &root_args, boot_source.boot_args()])?;
         let mem_bytes = (machine.mem_size_mib as u64) << 20;
         let kernel = load_guest_image(&guest_memory, mem_bytes, boot_source, &cmdline)?;
         mptable::write(&guest_memory, machine.vcpu_count)?;
@@ -275,67 +249,92 @@ fn load_guest_image(
     Ok(kernel)
 }
 
-/// Attaches the drives, the root device first so that it is /dev/vda, and returns the
-/// kernel arguments that make it the root filesystem (empty without a root device).
-fn attach_drives(
-    vm: &KvmVm,
-    buses: &mut Buses,
-    mem: &Arc<GuestMemoryMmap>,
-    mmio: &mut MmioDeviceManager,
-    event_manager: &mut EventManager<Subscriber>,
-    drives: &[Drive],
-) -> Result<String, VmmError> {
-    let root = drives.iter().find(|d| d.is_root_device);
-    let ordered = root
-        .into_iter()
-        .chain(drives.iter().filter(|d| !d.is_root_device));
-    for drive in ordered {
-        let block = Arc::new(Mutex::new(Block::new(&drive_spec(drive))?));
-        mmio.attach(
-            vm,
-            buses,
-            mem,
-            &format!("drive {}", drive.drive_id),
-            block.clone(),
-        )?;
-        event_manager.add_subscriber(block);
+/// The guest command line: device and root arguments first, so that the user's boot
+/// arguments can override them.
+fn compose_cmdline(parts: &[&str]) -> Result<String, VmmError> {
+    let cmdline = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if cmdline.len() >= MAX_BOOT_ARGS_LEN {
+        return Err(VmmError::CmdlineTooLong(cmdline.len()));
     }
-    Ok(root.map_or_else(String::new, |d| {
-        let device = d
-            .partuuid
-            .as_ref()
-            .map_or_else(|| "/dev/vda".to_string(), |u| format!("PARTUUID={u}"));
-        format!("root={device} {}", if d.is_read_only { "ro" } else { "rw" })
-    }))
+    Ok(cmdline)
 }
 
-/// Attaches a virtio-net device per interface, each on its TAP.
-fn attach_network(
-    vm: &KvmVm,
-    buses: &mut Buses,
-    mem: &Arc<GuestMemoryMmap>,
-    mmio: &mut MmioDeviceManager,
-    event_manager: &mut EventManager<Subscriber>,
-    interfaces: &[NetworkInterface],
-) -> Result<(), VmmError> {
-    for iface in interfaces {
-        let spec = NetSpec {
-            iface_id: iface.iface_id.clone(),
-            host_dev_name: iface.host_dev_name.clone(),
-            // Validated with the configuration; an unparsable MAC cannot get here.
-            guest_mac: iface.guest_mac.as_deref().and_then(parse_mac),
-        };
-        let net = Arc::new(Mutex::new(Net::new(&spec)?));
-        mmio.attach(
+/// What attaching virtio devices needs: the VM, the buses being filled, guest memory, the
+/// MMIO slot allocator and the event loop the devices run on.
+struct DeviceSetup<'a> {
+    vm: &'a KvmVm,
+    buses: Buses,
+    mem: &'a Arc<GuestMemoryMmap>,
+    mmio: MmioDeviceManager,
+    event_manager: &'a mut EventManager<Subscriber>,
+}
+
+impl<'a> DeviceSetup<'a> {
+    fn new(
+        vm: &'a KvmVm,
+        buses: Buses,
+        mem: &'a Arc<GuestMemoryMmap>,
+        event_manager: &'a mut EventManager<Subscriber>,
+    ) -> Self {
+        Self {
             vm,
             buses,
             mem,
-            &format!("network interface {}", iface.iface_id),
-            net.clone(),
-        )?;
-        event_manager.add_subscriber(net);
+            mmio: MmioDeviceManager::new(),
+            event_manager,
+        }
     }
-    Ok(())
+
+    /// Attaches the drives, the root device first so that it is /dev/vda, and returns the
+    /// kernel arguments that make it the root filesystem (empty without a root device).
+    fn attach_drives(&mut self, drives: &[Drive]) -> Result<String, VmmError> {
+        let root = drives.iter().find(|d| d.is_root_device);
+        for drive in root
+            .into_iter()
+            .chain(drives.iter().filter(|d| !d.is_root_device))
+        {
+            let block = Arc::new(Mutex::new(Block::new(&drive_spec(drive))?));
+            let name = format!("drive {}", drive.drive_id);
+            self.mmio
+                .attach(self.vm, &mut self.buses, self.mem, &name, block.clone())?;
+            self.event_manager.add_subscriber(block);
+        }
+        Ok(root.map_or_else(String::new, |d| {
+            let device = d
+                .partuuid
+                .as_ref()
+                .map_or_else(|| "/dev/vda".to_string(), |u| format!("PARTUUID={u}"));
+            format!("root={device} {}", if d.is_read_only { "ro" } else { "rw" })
+        }))
+    }
+
+    /// Attaches a virtio-net device per interface, each on its TAP.
+    fn attach_network(&mut self, interfaces: &[NetworkInterface]) -> Result<(), VmmError> {
+        for iface in interfaces {
+            let spec = NetSpec {
+                iface_id: iface.iface_id.clone(),
+                host_dev_name: iface.host_dev_name.clone(),
+                // Validated with the configuration; an unparsable MAC cannot get here.
+                guest_mac: iface.guest_mac.as_deref().and_then(parse_mac),
+            };
+            let net = Arc::new(Mutex::new(Net::new(&spec)?));
+            let name = format!("network interface {}", iface.iface_id);
+            self.mmio
+                .attach(self.vm, &mut self.buses, self.mem, &name, net.clone())?;
+            self.event_manager.add_subscriber(net);
+        }
+        Ok(())
+    }
+
+    /// The finished buses, shared by the vCPUs, and the devices' kernel arguments.
+    fn finish(self) -> (Arc<Buses>, String) {
+        (Arc::new(self.buses), self.mmio.kernel_args())
+    }
 }
 
 /// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus; returns the buses

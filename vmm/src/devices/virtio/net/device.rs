@@ -165,7 +165,9 @@ impl<B: FrameBackend> Net<B> {
             };
             self.rx_pending = None;
             let head = chain.head_index();
-            // Without mergeable buffers every frame takes exactly one chain.
+            // No offloads were negotiated, so the guest gets a plain header whatever the
+            // TAP filled in; without mergeable buffers every frame takes exactly one chain.
+            self.rx_frame[..NUM_BUFFERS_OFFSET].fill(0);
             self.rx_frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
             let written = match scatter(&mem, chain, &self.rx_frame[..len]) {
                 Some(written) => {
