@@ -122,6 +122,7 @@ fn mount_pseudo_filesystems() -> Result<()> {
     Ok(())
 }
 
+/// mount(2); an already mounted target (EBUSY) counts as done.
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<()> {
     let c = |s: &str| CString::new(s).context("path with a NUL byte");
     let (source, target, fstype, data) = (c(source)?, c(target)?, c(fstype)?, c(data)?);

@@ -35,13 +35,15 @@ pub fn switch_to(spec: &RootSpec) -> Result<std::convert::Infallible> {
     );
     std::fs::create_dir_all(NEW_ROOT).context("cannot create /newroot")?;
     let flags = if spec.read_only { libc::MS_RDONLY } else { 0 };
-    mount(&device.to_string_lossy(), NEW_ROOT, &spec.fstype, flags).with_context(|| {
-        format!(
-            "cannot mount {} ({}) on {NEW_ROOT}",
-            device.display(),
-            spec.fstype
-        )
-    })?;
+    crate::mount(&device.to_string_lossy(), NEW_ROOT, &spec.fstype, flags, "").with_context(
+        || {
+            format!(
+                "cannot mount {} ({}) on {NEW_ROOT}",
+                device.display(),
+                spec.fstype
+            )
+        },
+    )?;
     for target in [
         "/dev/shm", "/dev/pts", "/run", "/tmp", "/dev", "/sys", "/proc",
     ] {
@@ -51,7 +53,7 @@ pub fn switch_to(spec: &RootSpec) -> Result<std::convert::Infallible> {
         unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
     std::env::set_current_dir(NEW_ROOT).context("cannot enter /newroot")?;
-    mount(".", "/", "", libc::MS_MOVE).context("cannot move /newroot to /")?;
+    crate::mount(".", "/", "", libc::MS_MOVE, "").context("cannot move /newroot to /")?;
     let dot = CString::new(".").context("path")?;
     // SAFETY: a valid C string; chroot changes only this process's root.
     if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
@@ -96,25 +98,4 @@ fn find_partuuid(uuid: &str) -> Option<PathBuf> {
         });
         matches.then(|| Path::new("/dev").join(entry.file_name()))
     })
-}
-
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> std::io::Result<()> {
-    let c = |s: &str| {
-        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
-    let (source, target, fstype) = (c(source)?, c(target)?, c(fstype)?);
-    // SAFETY: valid C strings that outlive the call; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -14,7 +14,7 @@ pub mod net;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -92,28 +92,121 @@ impl Interrupt {
     }
 }
 
-/// What the MMIO transport needs of a device.
+/// Memory and interrupt of a started device.
+pub struct Active {
+    pub mem: Arc<GuestMemoryMmap>,
+    pub interrupt: Arc<Interrupt>,
+}
+
+/// Why a device's common parts could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot create a queue: {0:?}")]
+    Queue(virtio_queue::Error),
+}
+
+/// What every virtio device has: its features, queues and their kick fds, and whether (and
+/// with what memory and interrupt) the driver started it.
+pub struct VirtioCommon {
+    pub avail_features: u64,
+    pub acked_features: u64,
+    pub queues: Vec<Queue>,
+    pub queue_events: Vec<EventFd>,
+    /// Signalled by `activate` (on a vCPU thread) for the device's event handler.
+    pub activate_event: EventFd,
+    pub active: Option<Active>,
+}
+
+impl VirtioCommon {
+    /// `queue_count` queues of `queue_size` entries, offering `avail_features`.
+    pub fn new(
+        avail_features: u64,
+        queue_count: usize,
+        queue_size: u16,
+    ) -> Result<Self, SetupError> {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(SetupError::EventFd);
+        let queues = (0..queue_count)
+            .map(|_| Queue::new(queue_size).map_err(SetupError::Queue))
+            .collect::<Result<_, _>>()?;
+        let queue_events = (0..queue_count).map(|_| evt()).collect::<Result<_, _>>()?;
+        Ok(Self {
+            avail_features,
+            acked_features: 0,
+            queues,
+            queue_events,
+            activate_event: evt()?,
+            active: None,
+        })
+    }
+
+    /// Raises the used-buffer interrupt of a started device.
+    pub fn signal_used_queue(&self) {
+        if let Some(active) = &self.active {
+            // A failed irqfd write only delays the guest until its next look at the ring.
+            let _ = active.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// What the MMIO transport needs of a device. Devices provide their type, their common
+/// state and their configuration space; the rest has one implementation for all.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
-    /// Features the device offers.
-    fn avail_features(&self) -> u64;
-    /// Records the features the driver accepted (already masked by `avail_features`).
-    fn set_acked_features(&mut self, features: u64);
-    fn queues(&self) -> &[Queue];
-    fn queues_mut(&mut self) -> &mut [Queue];
-    /// The queue kick EventFds, in queue order (registered as ioeventfds).
-    fn queue_events(&self) -> &[EventFd];
+    fn common(&self) -> &VirtioCommon;
+    fn common_mut(&mut self) -> &mut VirtioCommon;
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device; runs on a vCPU thread.
+    /// Driver writes to configuration space; read-only by default.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Device-specific state to drop on reset, beyond the common state.
+    fn reset_device(&mut self) {}
+
+    /// Features the device offers.
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features
+    }
+    /// Records the features the driver accepted (already masked by `avail_features`).
+    fn set_acked_features(&mut self, features: u64) {
+        self.common_mut().acked_features = features;
+    }
+    fn queues(&self) -> &[Queue] {
+        &self.common().queues
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.common_mut().queues
+    }
+    /// The queue kick EventFds, in queue order (registered as ioeventfds).
+    fn queue_events(&self) -> &[EventFd] {
+        &self.common().queue_events
+    }
+    /// Starts the device; runs on a vCPU thread, so it only records memory and interrupt
+    /// and wakes the device's event handler.
     fn activate(
         &mut self,
         mem: Arc<GuestMemoryMmap>,
         interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError>;
-    fn is_activated(&self) -> bool;
+    ) -> Result<(), ActivateError> {
+        let common = self.common_mut();
+        if let Some(i) = common.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::BadQueue(i));
+        }
+        common.active = Some(Active { mem, interrupt });
+        common
+            .activate_event
+            .write(1)
+            .map_err(ActivateError::Signal)
+    }
+    fn is_activated(&self) -> bool {
+        self.common().active.is_some()
+    }
     /// Returns the device to its initial state (the driver wrote 0 to the status register).
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        let common = self.common_mut();
+        common.active = None;
+        common.acked_features = 0;
+        self.reset_device();
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` from a device's configuration bytes; bytes past the

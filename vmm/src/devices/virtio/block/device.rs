@@ -6,13 +6,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{Disk, Request, RequestError, ID_BYTES, SECTOR_SHIFT, S_IOERR, S_UNSUPP};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, SetupError, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Ring size offered to the driver.
@@ -27,10 +26,8 @@ pub enum BlockError {
     OpenDisk(String, PathBuf, std::io::Error),
     #[error("drives[{0}].path_on_host: {1} is not a regular file")]
     NotAFile(String, PathBuf),
-    #[error("drives[{0}]: cannot create an eventfd: {1}")]
-    EventFd(String, std::io::Error),
-    #[error("drives[{0}]: cannot create the queue: {1:?}")]
-    Queue(String, virtio_queue::Error),
+    #[error("drives[{0}]: {1}")]
+    Setup(String, SetupError),
 }
 
 /// What a drive is made of, from the configuration.
@@ -53,23 +50,12 @@ pub struct BlockCounters {
     pub io_errors: AtomicU64,
 }
 
-/// Memory and interrupt a started device uses.
-pub(super) struct Active {
-    pub mem: Arc<GuestMemoryMmap>,
-    pub interrupt: Arc<Interrupt>,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     pub drive_id: String,
     disk: Disk,
-    avail_features: u64,
-    acked_features: u64,
     config: [u8; 8],
-    queues: Vec<Queue>,
-    pub(super) queue_events: Vec<EventFd>,
-    pub(super) activate_event: EventFd,
-    pub(super) active: Option<Active>,
+    pub(super) common: VirtioCommon,
     pub counters: Arc<BlockCounters>,
 }
 
@@ -103,9 +89,6 @@ impl Block {
         if spec.flush_to_disk {
             avail_features |= VIRTIO_BLK_F_FLUSH;
         }
-        let evt =
-            || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BlockError::EventFd(id.clone(), e));
-        let queue = Queue::new(QUEUE_SIZE).map_err(|e| BlockError::Queue(id.clone(), e))?;
         Ok(Self {
             drive_id: id.clone(),
             disk: Disk {
@@ -115,13 +98,9 @@ impl Block {
                 flush_to_disk: spec.flush_to_disk,
                 id: device_id(id),
             },
-            avail_features,
-            acked_features: 0,
             config: capacity.to_le_bytes(),
-            queues: vec![queue],
-            queue_events: vec![evt()?],
-            activate_event: evt()?,
-            active: None,
+            common: VirtioCommon::new(avail_features, 1, QUEUE_SIZE)
+                .map_err(|e| BlockError::Setup(id.clone(), e))?,
             counters: Arc::new(BlockCounters::default()),
         })
     }
@@ -133,11 +112,11 @@ impl Block {
 
     /// Serves every available request; returns true when the guest should be notified.
     pub fn process_queue(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.common.active else {
             return false;
         };
         let mem = active.mem.clone();
-        let queue = &mut self.queues[0];
+        let queue = &mut self.common.queues[0];
         let mut used_any = false;
         loop {
             // A ring the guest broke (index out of range) ends this pass; the driver is
@@ -222,53 +201,16 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // The block configuration space is read-only for the driver.
-    }
-
-    fn activate(
-        &mut self,
-        mem: Arc<GuestMemoryMmap>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if !self.queues[0].ready() {
-            return Err(ActivateError::BadQueue(0));
-        }
-        self.active = Some(Active { mem, interrupt });
-        self.activate_event.write(1).map_err(ActivateError::Signal)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
     }
 }
 
@@ -276,10 +218,12 @@ impl VirtioDevice for Block {
 mod tests {
     use super::super::request::S_OK;
     use super::*;
+    use crate::devices::virtio::{Active, Interrupt};
     use std::io::{Read, Seek, SeekFrom, Write};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -310,7 +254,7 @@ mod tests {
             Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let mut block = Block::new(&spec).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        block.active = Some(Active {
+        block.common.active = Some(Active {
             mem: mem.clone(),
             interrupt: Arc::new(Interrupt::new(irq)),
         });
@@ -339,7 +283,7 @@ mod tests {
         fn run_raw(&mut self, raw: &[RawDescriptor]) -> (u8, u32) {
             let vq = MockSplitQueue::new(self.mem.as_ref(), 16);
             vq.add_desc_chains(raw, 0).unwrap();
-            self.block.queues[0] = vq.create_queue().unwrap();
+            self.block.common.queues[0] = vq.create_queue().unwrap();
             assert!(self.block.process_queue(), "a used entry must be added");
             let used_len = vq.used().ring().ref_at(0).unwrap().load().len();
             (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), used_len)

@@ -12,18 +12,18 @@ impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         // Failing to watch the activation fd leaves the device dead to the guest, which
         // then times out on its requests; nothing else can break.
-        let _ = ops.add(Events::new(&self.activate_event, EventSet::IN));
+        let _ = ops.add(Events::new(&self.common.activate_event, EventSet::IN));
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_event.as_raw_fd() {
-            let _ = self.activate_event.read();
+        if fd == self.common.activate_event.as_raw_fd() {
+            let _ = self.common.activate_event.read();
             // A re-activation after a device reset finds the fd registered already.
-            let _ = ops.add(Events::new(&self.queue_events[0], EventSet::IN));
+            let _ = ops.add(Events::new(&self.common.queue_events[0], EventSet::IN));
             self.kick();
-        } else if fd == self.queue_events[0].as_raw_fd() {
-            let _ = self.queue_events[0].read();
+        } else if fd == self.common.queue_events[0].as_raw_fd() {
+            let _ = self.common.queue_events[0].read();
             self.kick();
         }
     }
@@ -32,9 +32,7 @@ impl MutEventSubscriber for Block {
 impl Block {
     fn kick(&mut self) {
         if self.process_queue() {
-            if let Some(active) = &self.active {
-                let _ = active.interrupt.signal_used_queue();
-            }
+            self.common.signal_used_queue();
         }
     }
 }

@@ -13,13 +13,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    read_config_bytes, SetupError, VirtioCommon, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 
 pub const RX: usize = 0;
@@ -51,10 +50,8 @@ impl FrameBackend for Tap {
 pub enum NetError {
     #[error("network-interfaces[{0}].host_dev_name: cannot open TAP {1}: {2}")]
     OpenTap(String, String, io::Error),
-    #[error("network-interfaces[{0}]: cannot create an eventfd: {1}")]
-    EventFd(String, io::Error),
-    #[error("network-interfaces[{0}]: cannot create a queue: {1:?}")]
-    Queue(String, virtio_queue::Error),
+    #[error("network-interfaces[{0}]: {1}")]
+    Setup(String, SetupError),
 }
 
 /// What an interface is made of, from the configuration.
@@ -81,22 +78,12 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-pub(super) struct Active {
-    pub mem: Arc<GuestMemoryMmap>,
-    pub interrupt: Arc<Interrupt>,
-}
-
 /// A virtio-net device over a frame backend.
 pub struct Net<B: FrameBackend = Tap> {
     pub iface_id: String,
     pub(super) backend: B,
-    avail_features: u64,
-    acked_features: u64,
     config: [u8; 6],
-    queues: Vec<Queue>,
-    pub(super) queue_events: Vec<EventFd>,
-    pub(super) activate_event: EventFd,
-    pub(super) active: Option<Active>,
+    pub(super) common: VirtioCommon,
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
     tx_frame: Vec<u8>,
@@ -115,8 +102,6 @@ impl Net<Tap> {
 impl<B: FrameBackend> Net<B> {
     pub fn with_backend(spec: &NetSpec, backend: B) -> Result<Self, NetError> {
         let id = &spec.iface_id;
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| NetError::EventFd(id.clone(), e));
-        let queue = || Queue::new(QUEUE_SIZE).map_err(|e| NetError::Queue(id.clone(), e));
         let mut avail_features = VIRTIO_F_VERSION_1;
         if spec.guest_mac.is_some() {
             avail_features |= VIRTIO_NET_F_MAC;
@@ -124,13 +109,9 @@ impl<B: FrameBackend> Net<B> {
         Ok(Self {
             iface_id: id.clone(),
             backend,
-            avail_features,
-            acked_features: 0,
             config: spec.guest_mac.unwrap_or_default(),
-            queues: vec![queue()?, queue()?],
-            queue_events: vec![evt()?, evt()?],
-            activate_event: evt()?,
-            active: None,
+            common: VirtioCommon::new(avail_features, 2, QUEUE_SIZE)
+                .map_err(|e| NetError::Setup(id.clone(), e))?,
             rx_frame: vec![0; MAX_FRAME],
             rx_pending: None,
             tx_frame: vec![0; MAX_FRAME],
@@ -140,7 +121,7 @@ impl<B: FrameBackend> Net<B> {
 
     /// Moves frames from the backend into guest buffers; true when the guest should be told.
     pub fn process_rx(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.common.active else {
             return false;
         };
         let mem = active.mem.clone();
@@ -160,7 +141,7 @@ impl<B: FrameBackend> Net<B> {
                 },
             };
             self.rx_pending = Some(len);
-            let Some(chain) = self.queues[RX].pop_descriptor_chain(mem.as_ref()) else {
+            let Some(chain) = self.common.queues[RX].pop_descriptor_chain(mem.as_ref()) else {
                 break;
             };
             self.rx_pending = None;
@@ -181,7 +162,7 @@ impl<B: FrameBackend> Net<B> {
                     0
                 }
             };
-            if self.queues[RX]
+            if self.common.queues[RX]
                 .add_used(mem.as_ref(), head, written)
                 .is_err()
             {
@@ -194,12 +175,12 @@ impl<B: FrameBackend> Net<B> {
 
     /// Sends every frame the guest queued; true when the guest should be told.
     pub fn process_tx(&mut self) -> bool {
-        let Some(active) = &self.active else {
+        let Some(active) = &self.common.active else {
             return false;
         };
         let mem = active.mem.clone();
         let mut used_any = false;
-        while let Some(chain) = self.queues[TX].pop_descriptor_chain(mem.as_ref()) {
+        while let Some(chain) = self.common.queues[TX].pop_descriptor_chain(mem.as_ref()) {
             let head = chain.head_index();
             match gather(&mem, chain, &mut self.tx_frame) {
                 Some(len) if len >= VNET_HDR_LEN => {
@@ -217,7 +198,10 @@ impl<B: FrameBackend> Net<B> {
                     bump(&self.counters.invalid_chains, 1);
                 }
             }
-            if self.queues[TX].add_used(mem.as_ref(), head, 0).is_err() {
+            if self.common.queues[TX]
+                .add_used(mem.as_ref(), head, 0)
+                .is_err()
+            {
                 bump(&self.counters.invalid_chains, 1);
             }
             used_any = true;
@@ -272,53 +256,20 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
         TYPE_NET
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
+    /// The MAC; the host chooses it (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // The MAC is the host's choice; VIRTIO_NET_F_CTRL_MAC_ADDR is not offered.
-    }
-
-    fn activate(
-        &mut self,
-        mem: Arc<GuestMemoryMmap>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if let Some(i) = self.queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::BadQueue(i));
-        }
-        self.active = Some(Active { mem, interrupt });
-        self.activate_event.write(1).map_err(ActivateError::Signal)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
+    fn reset_device(&mut self) {
         self.rx_pending = None;
     }
 }
@@ -326,10 +277,12 @@ impl<B: FrameBackend> VirtioDevice for Net<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::{Active, Interrupt};
     use std::os::unix::net::UnixDatagram;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
 
     /// A datagram socket keeps frame boundaries, like a TAP.
     impl FrameBackend for UnixDatagram {
@@ -364,7 +317,7 @@ mod tests {
         let mem =
             Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        net.active = Some(Active {
+        net.common.active = Some(Active {
             mem: mem.clone(),
             interrupt: Arc::new(Interrupt::new(irq)),
         });
@@ -407,7 +360,7 @@ mod tests {
     fn received_frame_lands_in_guest_buffers() {
         let mut r = rig();
         let vq = load_queue(&r.mem, &[&[(0x10_0000, 8, true), (0x20_0000, 2048, true)]]);
-        r.net.queues[RX] = vq.create_queue().unwrap();
+        r.net.common.queues[RX] = vq.create_queue().unwrap();
         r.peer.send(&frame(b"hello guest")).unwrap();
         assert!(r.net.process_rx());
         let used = vq.used().ring().ref_at(0).unwrap().load();
@@ -432,11 +385,11 @@ mod tests {
     fn frame_waits_for_buffers_instead_of_being_lost() {
         let mut r = rig();
         let empty = MockSplitQueue::new(r.mem.as_ref(), 16);
-        r.net.queues[RX] = empty.create_queue().unwrap();
+        r.net.common.queues[RX] = empty.create_queue().unwrap();
         r.peer.send(&frame(b"early")).unwrap();
         assert!(!r.net.process_rx());
         let vq = load_queue(&r.mem, &[&[(0x10_0000, 2048, true)]]);
-        r.net.queues[RX] = vq.create_queue().unwrap();
+        r.net.common.queues[RX] = vq.create_queue().unwrap();
         assert!(r.net.process_rx());
         let mut got = [0u8; 5];
         r.mem
@@ -458,7 +411,7 @@ mod tests {
                 &[(0x30_0000, 2048, true)],
             ],
         );
-        r.net.queues[RX] = vq.create_queue().unwrap();
+        r.net.common.queues[RX] = vq.create_queue().unwrap();
         for payload in [
             &b"too big for 16 bytes"[..],
             b"readonly",
@@ -490,7 +443,7 @@ mod tests {
                 (0x20_0000, (f.len() - 6) as u32, false),
             ]],
         );
-        r.net.queues[TX] = vq.create_queue().unwrap();
+        r.net.common.queues[TX] = vq.create_queue().unwrap();
         assert!(r.net.process_tx());
         let mut got = [0u8; 64];
         let n = r.peer.recv(&mut got).unwrap();
@@ -510,7 +463,7 @@ mod tests {
                 &[(0x10_0000, MAX_FRAME as u32 + 1, false)],
             ],
         );
-        r.net.queues[TX] = vq.create_queue().unwrap();
+        r.net.common.queues[TX] = vq.create_queue().unwrap();
         assert!(r.net.process_tx());
         assert_eq!(r.net.counters.tx_dropped.load(Ordering::Relaxed), 4);
         assert_eq!(

@@ -13,27 +13,27 @@ impl<B: FrameBackend> MutEventSubscriber for Net<B> {
     fn init(&mut self, ops: &mut EventOps) {
         // Failing to watch the activation fd leaves the device dead to the guest; nothing
         // else can break.
-        let _ = ops.add(Events::new(&self.activate_event, EventSet::IN));
+        let _ = ops.add(Events::new(&self.common.activate_event, EventSet::IN));
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_event.as_raw_fd() {
-            let _ = self.activate_event.read();
+        if fd == self.common.activate_event.as_raw_fd() {
+            let _ = self.common.activate_event.read();
             // After a device reset these are registered already; EEXIST is fine.
-            let _ = ops.add(Events::new(&self.queue_events[RX], EventSet::IN));
-            let _ = ops.add(Events::new(&self.queue_events[TX], EventSet::IN));
+            let _ = ops.add(Events::new(&self.common.queue_events[RX], EventSet::IN));
+            let _ = ops.add(Events::new(&self.common.queue_events[TX], EventSet::IN));
             let backend = Events::new_raw(
                 self.backend.as_raw_fd(),
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
             );
             let _ = ops.add(backend);
             self.run(true, true);
-        } else if fd == self.queue_events[TX].as_raw_fd() {
-            let _ = self.queue_events[TX].read();
+        } else if fd == self.common.queue_events[TX].as_raw_fd() {
+            let _ = self.common.queue_events[TX].read();
             self.run(false, true);
-        } else if fd == self.queue_events[RX].as_raw_fd() {
-            let _ = self.queue_events[RX].read();
+        } else if fd == self.common.queue_events[RX].as_raw_fd() {
+            let _ = self.common.queue_events[RX].read();
             self.run(true, false);
         } else if fd == self.backend.as_raw_fd() {
             self.run(true, false);
@@ -51,9 +51,7 @@ impl<B: FrameBackend> Net<B> {
             notify |= self.process_rx();
         }
         if notify {
-            if let Some(active) = &self.active {
-                let _ = active.interrupt.signal_used_queue();
-            }
+            self.common.signal_used_queue();
         }
     }
 }
