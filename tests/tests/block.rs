@@ -96,6 +96,7 @@ fn guest_writes_reach_the_image_and_read_only_drives_stay_untouched() {
         .args(["-q", "-F"])
         .arg(&data)
         .arg("32M")
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(ok.success());
