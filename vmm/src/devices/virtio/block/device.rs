@@ -124,6 +124,7 @@ impl Block {
             if queue.disable_notification(mem.as_ref()).is_err() {
                 break;
             }
+            let mut served = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
                 let head = chain.head_index();
                 let used_len = serve(&mut self.disk, &mem, chain, &self.counters);
@@ -132,10 +133,20 @@ impl Block {
                         .invalid_requests
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                used_any = true;
+                served = true;
             }
+            used_any |= served;
+            // More requests arrived while notifications were off: serve them too. A ring
+            // that claims more but yields none (an avail index past the queue size) would
+            // spin this loop forever, so it waits for the guest's next kick instead.
             match queue.enable_notification(mem.as_ref()) {
-                Ok(true) => continue,
+                Ok(true) if served => continue,
+                Ok(true) => {
+                    self.counters
+                        .invalid_requests
+                        .fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
                 _ => break,
             }
         }
@@ -477,6 +488,20 @@ mod tests {
         // and so is refused, with IOERR written where its "status" would be.
         let (_, used) = r.run_raw(&raw);
         assert!(used <= 1);
+        assert_eq!(r.block.counters.invalid_requests.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn avail_index_past_the_queue_size_does_not_spin() {
+        let mut r = rig("avail-jump", false);
+        let vq = MockSplitQueue::new(r.mem.as_ref(), 16);
+        r.block.common.queues[0] = vq.create_queue().unwrap();
+        // The guest claims 1000 new requests in a 16-entry ring.
+        vq.avail().idx().store(1000);
+        assert!(
+            !r.block.process_queue(),
+            "nothing served, and the call returns"
+        );
         assert_eq!(r.block.counters.invalid_requests.load(Ordering::Relaxed), 1);
     }
 
