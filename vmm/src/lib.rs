@@ -103,8 +103,9 @@ impl VmmError {
 pub enum VmOutcome {
     /// The guest rebooted or powered off (i8042 reset, KVM system event).
     GuestStopped,
-    /// The guest triple-faulted: a crash, or a `reboot=t` reboot.
-    GuestTripleFault,
+    /// The guest triple-faulted: a crash, or a `reboot=t` reboot. Holds the vCPU and its
+    /// registers at that moment.
+    GuestTripleFault { vcpu: u8, state: String },
     /// Running vCPU `vcpu` failed.
     Failed { vcpu: u8, message: String },
 }
@@ -427,7 +428,7 @@ impl MutEventSubscriber for ExitWatcher {
         while let Ok((vcpu, stop)) = self.vcpu_stops.try_recv() {
             self.record(match stop {
                 VcpuStop::Reset => VmOutcome::GuestStopped,
-                VcpuStop::TripleFault => VmOutcome::GuestTripleFault,
+                VcpuStop::TripleFault(state) => VmOutcome::GuestTripleFault { vcpu, state },
                 VcpuStop::Failed(message) => VmOutcome::Failed { vcpu, message },
             });
         }

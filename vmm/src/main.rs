@@ -45,8 +45,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match run(&cli, process_start) {
         Ok(VmOutcome::GuestStopped) => EXIT_GUEST_STOPPED,
-        Ok(VmOutcome::GuestTripleFault) => {
-            eprintln!("ember: the guest triple-faulted (crash or reboot=t); VM stopped");
+        Ok(VmOutcome::GuestTripleFault { vcpu, state }) => {
+            eprintln!(
+                "ember: the guest triple-faulted (crash or reboot=t) on vCPU {vcpu}: {state}"
+            );
             EXIT_GUEST_STOPPED
         }
         Ok(VmOutcome::Failed { vcpu, message }) => {

@@ -46,8 +46,9 @@ pub enum VcpuError {
 pub enum VcpuStop {
     /// The guest asked to reset or power off (KVM system event).
     Reset,
-    /// The guest triple-faulted, which is also how some kernels reboot.
-    TripleFault,
+    /// The guest triple-faulted, which is also how some kernels reboot; the string holds
+    /// the vCPU's registers at that moment, for diagnosis.
+    TripleFault(String),
     /// Running the guest failed; the message says how.
     Failed(String),
 }
@@ -151,6 +152,19 @@ impl Vcpu {
         }
     }
 
+    /// Registers worth knowing when a guest dies: where it was and what it was touching.
+    fn describe_state(&self) -> String {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".into(),
+        }
+    }
+
     /// One KVM_RUN and the handling of its exit; `Some` when the vCPU must stop.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let buses = &self.buses;
@@ -176,7 +190,7 @@ impl Vcpu {
                 buses.mmio.write(addr, data);
                 None
             }
-            Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault),
+            Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault(self.describe_state())),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => Some(VcpuStop::Reset),
                 KVM_SYSTEM_EVENT_CRASH => {
