@@ -11,8 +11,12 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+
+use event_manager::{EventOps, Events};
+use vmm_sys_util::epoll::EventSet;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -139,6 +143,27 @@ impl VirtioCommon {
             activate_event: evt()?,
             active: None,
         })
+    }
+
+    /// Watches the activation fd; every device's event handler calls this from `init`.
+    pub fn watch_activation(&self, ops: &mut EventOps) {
+        // Failing to watch it leaves the device dead to the guest, whose requests then time
+        // out; nothing else can break.
+        let _ = ops.add(Events::new(&self.activate_event, EventSet::IN));
+    }
+
+    /// When `events` is the activation, consumes it and starts watching every queue kick;
+    /// returns whether it was. After a device reset the kicks are registered already, and
+    /// the EEXIST that `add` then returns is expected.
+    pub fn handle_activation(&self, events: &Events, ops: &mut EventOps) -> bool {
+        if events.fd() != self.activate_event.as_raw_fd() {
+            return false;
+        }
+        let _ = self.activate_event.read();
+        for evt in &self.queue_events {
+            let _ = ops.add(Events::new(evt, EventSet::IN));
+        }
+        true
     }
 
     /// Raises the used-buffer interrupt of a started device.

@@ -11,22 +11,17 @@ use super::device::{FrameBackend, Net, RX, TX};
 
 impl<B: FrameBackend> MutEventSubscriber for Net<B> {
     fn init(&mut self, ops: &mut EventOps) {
-        // Failing to watch the activation fd leaves the device dead to the guest; nothing
-        // else can break.
-        let _ = ops.add(Events::new(&self.common.activate_event, EventSet::IN));
+        self.common.watch_activation(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.common.activate_event.as_raw_fd() {
-            let _ = self.common.activate_event.read();
-            // After a device reset these are registered already; EEXIST is fine.
-            let _ = ops.add(Events::new(&self.common.queue_events[RX], EventSet::IN));
-            let _ = ops.add(Events::new(&self.common.queue_events[TX], EventSet::IN));
+        if self.common.handle_activation(&events, ops) {
             let backend = Events::new_raw(
                 self.backend.as_raw_fd(),
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
             );
+            // After a device reset the backend is registered already; EEXIST is fine.
             let _ = ops.add(backend);
             self.run(true, true);
         } else if fd == self.common.queue_events[TX].as_raw_fd() {
