@@ -74,12 +74,21 @@ pub enum KernelFormat {
 /// Tells an ELF vmlinux from a bzImage by their magic numbers, before any guest exists.
 pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, BootError> {
     let mut file = File::open(path).map_err(|e| BootError::OpenKernel(path.into(), e))?;
-    let mut head = [0u8; 0x206];
-    let n = read_up_to(&mut file, &mut head).map_err(|e| BootError::ReadKernel(path.into(), e))?;
-    if n >= 4 && head[..4] == *b"\x7fELF" {
+    read_kernel_format(&mut file, path)
+}
+
+/// Reads the magic numbers at the start of an opened kernel image.
+fn read_kernel_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
+    const HEAD_LEN: usize = 0x206;
+    let mut head = Vec::with_capacity(HEAD_LEN);
+    file.by_ref()
+        .take(HEAD_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| BootError::ReadKernel(path.into(), e))?;
+    if head.starts_with(b"\x7fELF") {
         return Ok(KernelFormat::Elf);
     }
-    if n == head.len()
+    if head.len() == HEAD_LEN
         && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]])
             == SETUP_HEADER_MAGIC
     {
@@ -88,21 +97,11 @@ pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, BootError> {
     Err(BootError::UnknownKernelFormat(path.into()))
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
-}
-
 /// Loads the kernel at [`HIMEM_START`] and returns its entry point.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let format = detect_kernel_format(path)?;
     let mut file = File::open(path).map_err(|e| BootError::OpenKernel(path.into(), e))?;
+    // Both loaders seek to absolute offsets, so the bytes read here need no rewind.
+    let format = read_kernel_format(&mut file, path)?;
     let himem = Some(GuestAddress(HIMEM_START));
     let load_err = |e| BootError::LoadKernel(path.into(), e);
     let result = match format {
