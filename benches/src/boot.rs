@@ -257,6 +257,23 @@ fn wait_ready_line(
     }
 }
 
+/// Runs `measure` `runs` times for each VMM, alternating which goes first so that drift
+/// on the machine hits all alike; returns the results per VMM, in `vmms` order.
+pub fn alternate<T>(
+    runs: usize,
+    vmms: &[Vmm],
+    mut measure: impl FnMut(usize, Vmm) -> Result<T, String>,
+) -> Result<Vec<Vec<T>>, String> {
+    let mut results: Vec<Vec<T>> = (0..vmms.len()).map(|_| Vec::new()).collect();
+    for run in 0..runs {
+        for k in 0..vmms.len() {
+            let i = (k + run) % vmms.len();
+            results[i].push(measure(run, vmms[i])?);
+        }
+    }
+    Ok(results)
+}
+
 /// Runs `runs` boots of each VMM, alternating which goes first.
 pub fn compare(
     runs: usize,
@@ -270,21 +287,17 @@ pub fn compare(
     } else {
         &[Vmm::Ember]
     };
-    let mut samples: Vec<Vec<BootSample>> = vec![Vec::new(); vmms.len()];
-    for run in 0..runs {
-        for k in 0..vmms.len() {
-            let i = (k + run) % vmms.len();
-            let sample = boot_once(vmms[i], art, spec, work)?;
-            eprintln!(
-                "run {}/{runs} {:<13} {:>9.1} ms to ready (guest uptime {:.0} ms)",
-                run + 1,
-                vmms[i].name(),
-                sample.to_ready_ms,
-                sample.guest_ready_ms
-            );
-            samples[i].push(sample);
-        }
-    }
+    let samples = alternate(runs, vmms, |run, vmm| {
+        let sample = boot_once(vmm, art, spec, work)?;
+        eprintln!(
+            "run {}/{runs} {:<13} {:>9.1} ms to ready (guest uptime {:.0} ms)",
+            run + 1,
+            vmm.name(),
+            sample.to_ready_ms,
+            sample.guest_ready_ms
+        );
+        Ok(sample)
+    })?;
     vmms.iter()
         .zip(samples)
         .map(|(vmm, s)| {
@@ -297,4 +310,24 @@ pub fn compare(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alternate_switches_who_goes_first_and_groups_by_vmm() {
+        let mut order = Vec::new();
+        let results = alternate(3, &[Vmm::Ember, Vmm::QemuMicrovm], |run, vmm| {
+            order.push((run, vmm.name()));
+            Ok(run)
+        })
+        .unwrap();
+        assert_eq!(order[0], (0, "ember"));
+        assert_eq!(order[2], (1, "qemu-microvm"));
+        assert_eq!(results, vec![vec![0, 1, 2], vec![0, 1, 2]]);
+        let failed = alternate(2, &[Vmm::Ember], |_, _| Err::<(), _>("boom".to_string()));
+        assert_eq!(failed.unwrap_err(), "boom");
+    }
 }

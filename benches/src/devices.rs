@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use testbed::{drive, Artifacts, GuestSpec};
 
-use crate::boot::{run_vm, Vmm};
+use crate::boot::{alternate, run_vm, Vmm};
 use crate::stats::Summary;
 
 const HOST_ADDR: &str = "172.16.0.1";
@@ -140,17 +140,18 @@ pub fn compare(
     let outbound = work.join("outbound.bin");
     std::fs::write(&outbound, vec![0x5au8; net_bytes as usize]).map_err(|e| e.to_string())?;
     let vmms = [Vmm::Ember, Vmm::QemuMicrovm];
-    let mut samples: Vec<BTreeMap<String, Vec<f64>>> = vec![BTreeMap::new(); vmms.len()];
-    for run in 0..runs {
-        for k in 0..vmms.len() {
-            let i = (k + run) % vmms.len();
-            let figures = run_once(vmms[i], art, work, &ns, seconds, net_bytes, &outbound)?;
-            eprintln!("run {}/{runs} {:<13} {figures:?}", run + 1, vmms[i].name());
-            for (name, value) in figures {
-                samples[i].entry(name).or_default().push(value);
-            }
+    let runs_per_vmm = alternate(runs, &vmms, |run, vmm| {
+        let figures = run_once(vmm, art, work, &ns, seconds, net_bytes, &outbound)?;
+        eprintln!("run {}/{runs} {:<13} {figures:?}", run + 1, vmm.name());
+        Ok(figures)
+    })?;
+    let samples = runs_per_vmm.into_iter().map(|runs| {
+        let mut by_metric: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (name, value) in runs.into_iter().flatten() {
+            by_metric.entry(name).or_default().push(value);
         }
-    }
+        by_metric
+    });
     vmms.iter()
         .zip(samples)
         .map(|(vmm, by_metric)| {
