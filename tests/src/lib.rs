@@ -7,7 +7,8 @@
 //! path, and runs the job there. Absolute times inside are ~50x slower than hardware; only
 //! ratios against a peer measured in the same job mean anything.
 //!
-//! `EMBER_TESTBED=direct|nested` overrides the detection. Nested runs are serialised by a
+//! `EMBER_TESTBED=direct|nested` overrides the detection; `EMBER_TESTBED_KERNEL_ARGS` adds
+//! arguments to the level-1 kernel's command line (`loglevel=7` to see its full warnings). Nested runs are serialised by a
 //! lock: one level-1 VM already uses both cores of a small machine.
 
 use std::fs::{self, File};
@@ -153,6 +154,21 @@ pub struct Job {
 
 static JOB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// What the level-1 init prints once the job is about to run.
+const JOB_STARTED: &str = "testbed-l1: running";
+/// How long a level-1 VM may take to start the job (it takes ~5 s on an idle host).
+const BOOT_LIMIT: Duration = Duration::from_secs(120);
+/// Level-1 boots tried before the job is declared failed.
+const BOOT_ATTEMPTS: u32 = 2;
+
+/// How a nested job's level-1 VM ended.
+enum Ended {
+    Status(i32),
+    NoStatus,
+    TimedOut,
+    NoBoot,
+}
+
 impl Job {
     /// A job named `name` (used in its directory name) running the bash `script`.
     pub fn new(name: &str, script: impl Into<String>) -> Self {
@@ -247,35 +263,110 @@ impl Job {
         fs::write(self.dir.join("shares"), list)
             .map_err(|e| format!("cannot write the share list: {e}"))?;
         let _lock = BedLock::acquire()?;
+        // A level-1 boot that hangs (rare, but seen under TCG on a loaded host) is the test
+        // bed's failure, not the job's: it is retried once, and said so on stderr. A job that
+        // hangs once running is never retried.
+        let mut attempt = 1;
+        loop {
+            match self.boot_and_run(&bed)? {
+                Ended::Status(code) => return self.collect(code),
+                Ended::NoBoot if attempt < BOOT_ATTEMPTS => {
+                    eprintln!(
+                        "testbed: level-1 VM for {} printed nothing within {:?}; retrying \
+                         (attempt {} of {BOOT_ATTEMPTS})",
+                        self.dir.display(),
+                        BOOT_LIMIT,
+                        attempt + 1
+                    );
+                    attempt += 1;
+                }
+                ended => return Err(self.failure(ended)),
+            }
+        }
+    }
+
+    /// Boots one level-1 VM for the job and waits for it to end.
+    fn boot_and_run(&self, bed: &Path) -> Result<Ended, String> {
+        for name in ["status", "console.log"] {
+            let _ = fs::remove_file(self.dir.join(name));
+        }
         let socket = self.dir.join("virtiofsd.sock");
         let _ = fs::remove_file(&socket);
         let virtiofsd = spawn_virtiofsd(&socket, &self.dir)?;
         let _virtiofsd = KillOnDrop(virtiofsd);
         wait_for_socket(&socket)?;
-        let mut qemu = self.qemu_command(&bed, &socket).spawn().map_err(|e| {
+        let mut qemu = self.qemu_command(bed, &socket).spawn().map_err(|e| {
             format!(
                 "cannot start qemu-system-x86_64 for the test bed: {e}; install qemu-system-x86"
             )
         })?;
-        let finished = wait_with_timeout(&mut qemu, self.timeout);
-        let status = fs::read_to_string(self.dir.join("status")).ok();
-        match (finished, status.and_then(|s| s.trim().parse::<i32>().ok())) {
-            (Some(_), Some(code)) => self.collect(code),
-            (finished, _) => {
-                let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
-                let why = if finished.is_none() {
-                    "timed out"
-                } else {
-                    "ended without a status"
-                };
-                Err(format!(
-                    "test bed job {why} (limit {:?}); its console:\n{}\n{}",
-                    self.timeout,
-                    tail(&console, 40),
-                    fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
-                ))
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut booted = false;
+        let finished = loop {
+            match qemu.try_wait() {
+                Ok(Some(_)) => break true,
+                Ok(None) => {}
+                Err(_) => break false,
             }
+            let now = Instant::now();
+            if !booted && now > started + BOOT_LIMIT {
+                booted = fs::read_to_string(self.dir.join("console.log"))
+                    .is_ok_and(|c| c.contains(JOB_STARTED));
+                if !booted {
+                    let _ = qemu.kill();
+                    let _ = qemu.wait();
+                    return Ok(Ended::NoBoot);
+                }
+            }
+            if now > deadline {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let status = fs::read_to_string(self.dir.join("status")).ok();
+        Ok(match status.and_then(|s| s.trim().parse::<i32>().ok()) {
+            Some(code) => Ended::Status(code),
+            None if finished => Ended::NoStatus,
+            None => Ended::TimedOut,
+        })
+    }
+
+    /// Everything that tells why a nested job failed: the level-1 console, the job's own
+    /// output and the tail of every `*.out` file it wrote (guest consoles, by convention).
+    fn failure(&self, ended: Ended) -> String {
+        let why = match ended {
+            Ended::TimedOut => format!("timed out (limit {:?})", self.timeout),
+            Ended::NoStatus => "ended without a status".to_string(),
+            Ended::NoBoot => format!(
+                "never started: the level-1 VM printed nothing within {BOOT_LIMIT:?}, \
+                 {BOOT_ATTEMPTS} times"
+            ),
+            Ended::Status(code) => format!("exited with {code}"),
+        };
+        let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        let mut text = format!(
+            "test bed job in {} {why}\n--- test bed console\n{}\n--- stdout\n{}\n--- stderr\n{}",
+            self.dir.display(),
+            tail(&read("console.log"), 40),
+            tail(&read("stdout"), 40),
+            tail(&read("stderr"), 40)
+        );
+        let mut outs: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "out"))
+            .collect();
+        outs.sort();
+        for path in outs {
+            let body = fs::read_to_string(&path).unwrap_or_default();
+            text += &format!("\n--- {}\n{}", path.display(), tail(&body, 40));
         }
+        text
     }
 
     fn qemu_command(&self, bed: &Path, socket: &Path) -> Command {
@@ -289,8 +380,9 @@ impl Job {
             .arg(bed.join("initramfs.cpio"))
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off testbed.job={}",
-                self.dir.display()
+                "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off testbed.job={} {}",
+                self.dir.display(),
+                std::env::var("EMBER_TESTBED_KERNEL_ARGS").unwrap_or_default()
             ))
             .arg("-serial")
             .arg(format!("file:{}", self.dir.join("console.log").display()))

@@ -10,6 +10,9 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
 fail() { echo "testbed-l1: $*" >&2; poweroff -f; }
+# Progress lines on the console, which the host keeps as the job's console.log: they tell
+# a hung level-1 boot from a hung job.
+say() { echo "testbed-l1: $*" > /dev/console; }
 
 for m in $(cat /modules/order); do
     insmod "/modules/$m.ko" || fail "cannot load module $m"
@@ -41,9 +44,14 @@ while read -r mode share; do
     fi
 done < "/mnt/host$job/shares"
 
+say "running $job/job.sh"
+# A heartbeat while the job runs: uptime and load show whether level 1 still makes progress.
+( while sleep 60; do say "alive: $(cat /proc/uptime /proc/loadavg | tr '\n' ' ')"; done ) &
 chroot /newroot /usr/bin/env -i HOME=/root TERM=dumb EMBER_TESTBED_LEVEL=1 \
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     /bin/bash "$job/job.sh" > "/mnt/host$job/stdout" 2> "/mnt/host$job/stderr"
-echo $? > "/mnt/host$job/status"
+rc=$?
+say "job exited with status $rc"
+echo $rc > "/mnt/host$job/status"
 sync
 poweroff -f
