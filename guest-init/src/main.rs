@@ -1,35 +1,58 @@
 //! ember-init: PID 1 of an Ember guest. Top to bottom: mount the pseudo filesystems, make
 //! sure the console is stdio, hand over to a block root if the initramfs is only a stage
-//! (`root=` given), read `ember.*` options, set the hostname, say "ready" (console
-//! line and the boot-timer port), run the `ember.run` command if there is one, then reap
-//! children until asked to power off.
+//! (`root=` given), read `ember.*` options, set the hostname, start the agent on vsock, say
+//! "ready" (console line and the boot-timer port), run the `ember.run` command if there is
+//! one, then reap children until asked to power off.
+//!
+//! Not as PID 1, `ember-init --agent-unix PATH` serves only the agent, on a Unix socket (see
+//! `standalone`).
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use guest_init::ipconfig::IpConfig;
 use guest_init::{cmdline, report};
 
+use agent::PowerAction;
+use reaper::{Reaper, Remaining};
+
+mod agent;
 mod netif;
+mod reaper;
+mod standalone;
 mod switch_root;
+mod vsock;
 
 /// Ember's boot-timer port and the value that marks boot complete (see the VMM's
 /// `devices::legacy::boot_timer`).
 const BOOT_TIMER_PORT: u16 = 0x440;
 const BOOT_COMPLETE_MAGIC: u8 = 123;
 
+/// The one owner of `waitpid(-1)` in this process: PID 1's orphans and the agent's commands.
+static REAPER: Reaper = Reaper::new();
+
+/// What was asked for when `request_power` raised SIGTERM.
+static POWER_REQUEST: AtomicU8 = AtomicU8::new(POWER_OFF);
+const POWER_OFF: u8 = 0;
+const REBOOT: u8 = 1;
+
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("ember-init: {e:#}");
+    if std::process::id() != 1 {
+        std::process::exit(standalone::main(&REAPER));
     }
+    let action = run().unwrap_or_else(|e| {
+        eprintln!("ember-init: {e:#}");
+        PowerAction::PowerOff
+    });
     // PID 1 must not exit (the kernel would panic); a failed init powers the VM off instead.
-    power_off();
+    power_off(action);
 }
 
-fn run() -> Result<()> {
+fn run() -> Result<PowerAction> {
     mount_pseudo_filesystems()?;
     ensure_console_stdio();
     let text = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
@@ -46,24 +69,25 @@ fn run() -> Result<()> {
     }
     set_hostname(&options.hostname)?;
     configure_network(options.ip.as_deref());
+    // Before any thread starts: every thread inherits the mask, so the signals queue for
+    // `supervise` instead of being delivered (and dropped) elsewhere.
     let signals = block_signals()?;
+    agent::start_in_guest(&REAPER, Box::new(request_power));
     println!("ember-init: cmdline: {}", text.trim());
     println!(
         "ember-init: ready in {} ms: cpus={} ram_kib={} hostname={}",
-        boot_time().as_millis(),
+        report::boot_time().as_millis(),
         online_cpus().map_or_else(|| "?".into(), |n| n.to_string()),
         system_ram_kib().map_or_else(|| "?".into(), |n| n.to_string()),
         options.hostname,
     );
     signal_boot_complete();
-    if let Some(command) = &options.run {
-        run_command(command);
+    match (options.run, options.poweroff_when_ready) {
+        (None, true) => return Ok(PowerAction::PowerOff),
+        (Some(command), poweroff) => start_command(command, poweroff)?,
+        (None, false) => {}
     }
-    if options.poweroff_when_ready {
-        return Ok(());
-    }
-    supervise(&signals);
-    Ok(())
+    Ok(supervise(&signals))
 }
 
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run, creating the directories.
@@ -187,7 +211,7 @@ fn set_hostname(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Blocks the signals init acts on, so that they queue for `sigwaitinfo`.
+/// Blocks the signals init acts on, so that they queue for `sigwaitinfo` in `supervise`.
 fn block_signals() -> Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -204,72 +228,76 @@ fn block_signals() -> Result<libc::sigset_t> {
     Ok(set)
 }
 
+/// Runs the `ember.run` command on a thread of its own (its status comes from the reaper,
+/// which `supervise` drives on the main thread), then asks for power-off if
+/// `ember.test=poweroff` is set.
+fn start_command(command: String, poweroff: bool) -> Result<()> {
+    std::thread::Builder::new()
+        .name("ember.run".into())
+        .spawn(move || {
+            run_command(&command);
+            if poweroff {
+                request_power(PowerAction::PowerOff);
+            }
+        })
+        .context("cannot start the thread for ember.run")?;
+    Ok(())
+}
+
 /// Runs `/bin/sh -c command` on the console and reports how it ended.
 fn run_command(command: &str) {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     let mut shell = std::process::Command::new("/bin/sh");
     shell
         .args(["-c", command])
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", agent::DEFAULT_PATH)
         .env("HOME", "/root");
-    // SAFETY: the hook runs between fork and exec and only calls sigprocmask, which is
-    // async-signal-safe; it gives the command the default (empty) signal mask back.
-    unsafe {
-        shell.pre_exec(|| {
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            Ok(())
-        });
-    }
-    match shell.status() {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => println!("ember-init: run exited with status {code}"),
-            (None, Some(sig)) => println!("ember-init: run killed by signal {sig}"),
-            _ => println!("ember-init: run ended"),
-        },
-        Err(e) => eprintln!("ember-init: cannot run /bin/sh: {e}"),
+    // SAFETY: the hook runs between fork and exec and only calls async-signal-safe functions
+    // (sigprocmask, signal) that change the child's own signal state.
+    unsafe { shell.pre_exec(reaper::restore_default_signals) };
+    let raw = match REAPER.spawn(&mut shell) {
+        Ok((_child, watch)) => watch.wait(),
+        Err(e) => return eprintln!("ember-init: cannot run /bin/sh: {e}"),
+    };
+    let status = std::process::ExitStatus::from_raw(raw);
+    match (status.code(), status.signal()) {
+        (Some(code), _) => println!("ember-init: run exited with status {code}"),
+        (None, Some(sig)) => println!("ember-init: run killed by signal {sig}"),
+        _ => println!("ember-init: run ended"),
     }
 }
 
-/// Reaps children; returns when asked to stop (SIGINT is Ctrl-Alt-Del, SIGTERM/SIGPWR a
-/// power-off request).
-fn supervise(signals: &libc::sigset_t) {
+/// Reaps children; returns when asked to stop: SIGINT is Ctrl-Alt-Del, SIGTERM/SIGPWR a
+/// power-off request (or the agent's request, see `request_power`).
+fn supervise(signals: &libc::sigset_t) -> PowerAction {
     loop {
         // SAFETY: `signals` is an initialised set; a null info pointer is allowed.
         let sig = unsafe { libc::sigwaitinfo(signals, std::ptr::null_mut()) };
         match sig {
             libc::SIGCHLD => {
-                reap_children();
+                REAPER.reap();
             }
-            libc::SIGINT | libc::SIGTERM | libc::SIGPWR => return,
+            libc::SIGINT | libc::SIGTERM | libc::SIGPWR => {
+                return match POWER_REQUEST.load(Ordering::SeqCst) {
+                    REBOOT => PowerAction::Reboot,
+                    _ => PowerAction::PowerOff,
+                };
+            }
             _ => {}
         }
     }
 }
 
-/// Collects every exited child; returns true while other children are still running.
-fn reap_children() -> bool {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes only to `status`.
-        match unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } {
-            0 => return true,
-            -1 => return false,
-            _ => {}
-        }
-    }
-}
-
-fn boot_time() -> Duration {
-    // SAFETY: timespec is plain data, filled by clock_gettime.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: `ts` is a valid timespec for the call to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+/// Asks `supervise` on the main thread to end the VM: records the action, then raises
+/// SIGTERM, which every thread blocks, so it queues for `sigwaitinfo`.
+fn request_power(action: PowerAction) {
+    let value = match action {
+        PowerAction::PowerOff => POWER_OFF,
+        PowerAction::Reboot => REBOOT,
+    };
+    POWER_REQUEST.store(value, Ordering::SeqCst);
+    // SAFETY: kill has no memory effects; the signal goes to this process.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
 }
 
 fn online_cpus() -> Option<u32> {
@@ -304,12 +332,16 @@ fn signal_boot_complete() {
 
 /// Stops every process, flushes filesystems and ends the VM. Ember guests have no ACPI,
 /// so a power-off request would only halt the CPUs; a reboot goes out through the i8042
-/// reset line (`reboot=k`), which makes Ember exit with status 0.
-fn power_off() -> ! {
+/// reset line (`reboot=k`), which makes Ember exit with status 0. Both actions end the VM
+/// that way; they differ only in what the console says.
+fn power_off(action: PowerAction) -> ! {
+    if action == PowerAction::Reboot {
+        println!("ember-init: rebooting");
+    }
     // SAFETY: signalling all other processes and syncing have no memory-safety impact.
     unsafe { libc::kill(-1, libc::SIGTERM) };
     for _ in 0..100 {
-        if !reap_children() {
+        if REAPER.reap() == Remaining::None {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -1,5 +1,15 @@
-//! What the guest tells about itself in its ready line: CPUs online and RAM, so that a
-//! host-side test can check the guest got what it was given.
+//! What the guest tells about itself in its ready line (and the agent in its READY frame):
+//! uptime, CPUs online and RAM, so that a host-side test can check the guest got what it was
+//! given.
+
+/// The time since boot, suspend included (`CLOCK_BOOTTIME`): what the ready line reports.
+pub fn boot_time() -> std::time::Duration {
+    // SAFETY: timespec is plain data, filled by clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid timespec for the call to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 /// Counts CPUs in a cpulist such as `0-3,5` (/sys/devices/system/cpu/online).
 pub fn count_cpulist(list: &str) -> Option<u32> {
