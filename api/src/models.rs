@@ -220,6 +220,44 @@ fn validate_network_interfaces(ifaces: &[NetworkInterface]) -> Result<(), ModelE
     Ok(())
 }
 
+/// `vsock` / `PUT /vsock`: a virtio-vsock device whose host side is a Unix socket, with
+/// Firecracker's conventions: host programs connect to `uds_path` and send `CONNECT <port>\n`
+/// to reach a guest port; guest connections to host port P reach `<uds_path>_<P>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Deprecated by Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's context id: 3 or more, and below 2^32 - 1 (`VMADDR_CID_ANY`).
+    pub guest_cid: u64,
+    /// Where Ember listens for host connections; a stale socket there is replaced.
+    pub uds_path: PathBuf,
+}
+
+/// The lowest context id a guest can have: 0 to 2 are the hypervisor, local and host.
+pub const MIN_GUEST_CID: u64 = 3;
+
+impl VsockConfig {
+    fn validate(&self) -> Result<(), ModelError> {
+        // u32::MAX is VMADDR_CID_ANY, which no guest may own.
+        if !(MIN_GUEST_CID..u64::from(u32::MAX)).contains(&self.guest_cid) {
+            return Err(invalid(
+                "vsock.guest_cid".into(),
+                format!(
+                    "{} is out of range; use {MIN_GUEST_CID} to {}",
+                    self.guest_cid,
+                    u32::MAX - 1
+                ),
+            ));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err(invalid("vsock.uds_path".into(), "empty path"));
+        }
+        Ok(())
+    }
+}
+
 /// The most virtio devices a guest can have: one IOAPIC pin each, from GSI 5 to 23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
@@ -314,7 +352,7 @@ pub struct VmConfig {
     )]
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<VsockConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,15 +394,18 @@ impl VmConfig {
         self.machine_config.validate()?;
         validate_drives(&self.drives)?;
         validate_network_interfaces(&self.network_interfaces)?;
-        let devices = self.drives.len() + self.network_interfaces.len();
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        let devices =
+            self.drives.len() + self.network_interfaces.len() + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(invalid(
                 "drives".into(),
-                format!("{devices} drives and network interfaces is too many; the limit is {MAX_VIRTIO_DEVICES}"),
+                format!("{devices} drives, network interfaces and vsock devices is too many; the limit is {MAX_VIRTIO_DEVICES}"),
             ));
         }
         let unsupported = [
-            ("vsock", self.vsock.is_some()),
             ("logger", self.logger.is_some()),
             ("metrics", self.metrics.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
@@ -527,10 +568,80 @@ mod tests {
 
     #[test]
     fn sections_of_later_versions_are_refused_clearly() {
-        let text = format!(r#"{{{KERNEL}, "vsock": {{"guest_cid": 3, "uds_path": "/v"}}}}"#);
+        let text = format!(r#"{{{KERNEL}, "balloon": {{"amount_mib": 3}}}}"#);
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.starts_with("vsock: not supported"), "{err}");
+        assert!(err.starts_with("balloon: not supported"), "{err}");
         assert!(parse(&format!(r#"{{{KERNEL}, "drives": []}}"#)).is_ok());
+    }
+
+    fn vsock(body: &str) -> Result<VmConfig, ModelError> {
+        parse(&format!(r#"{{{KERNEL}, "vsock": {body}}}"#))
+    }
+
+    #[test]
+    fn vsock_parses_in_firecracker_form() {
+        let c = vsock(r#"{"guest_cid": 3, "uds_path": "/run/v.sock"}"#).unwrap();
+        let v = c.vsock.unwrap();
+        assert_eq!((v.guest_cid, v.uds_path), (3, PathBuf::from("/run/v.sock")));
+        let c =
+            vsock(r#"{"vsock_id": "vsock0", "guest_cid": 4294967294, "uds_path": "/v"}"#).unwrap();
+        assert_eq!(c.vsock.unwrap().guest_cid, u64::from(u32::MAX) - 1);
+    }
+
+    #[test]
+    fn vsock_errors_name_the_field() {
+        let cases = [
+            (
+                r#"{"guest_cid": 2, "uds_path": "/v"}"#,
+                "vsock.guest_cid: 2 is out of range",
+            ),
+            (
+                r#"{"guest_cid": 0, "uds_path": "/v"}"#,
+                "vsock.guest_cid: 0 is out of range",
+            ),
+            (
+                r#"{"guest_cid": 4294967295, "uds_path": "/v"}"#,
+                "vsock.guest_cid: 4294967295 is out of range",
+            ),
+            (
+                r#"{"guest_cid": 4294967296, "uds_path": "/v"}"#,
+                "vsock.guest_cid: 4294967296 is out of range",
+            ),
+            (
+                r#"{"guest_cid": -3, "uds_path": "/v"}"#,
+                "vsock.guest_cid: invalid value",
+            ),
+            (
+                r#"{"guest_cid": 3, "uds_path": ""}"#,
+                "vsock.uds_path: empty path",
+            ),
+            (r#"{"guest_cid": 3}"#, "missing field `uds_path`"),
+            (
+                r#"{"guest_cid": 3, "uds_path": "/v", "port": 1}"#,
+                "vsock.port: unknown field `port`",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = vsock(body).unwrap_err().to_string();
+            assert!(
+                err.starts_with(expected) || err.contains(expected),
+                "{expected}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn vsock_counts_towards_the_device_limit() {
+        let many: Vec<String> = (0..MAX_VIRTIO_DEVICES)
+            .map(|i| {
+                format!(r#"{{"drive_id": "d{i}", "path_on_host": "/x", "is_root_device": false}}"#)
+            })
+            .collect();
+        let text = format!(
+            r#"{{{KERNEL}, "drives": [{}], "vsock": {{"guest_cid": 3, "uds_path": "/v"}}}}"#,
+            many.join(",")
+        );
+        assert!(parse(&text).unwrap_err().to_string().contains("too many"));
     }
 
     fn drives(list: &str) -> Result<VmConfig, ModelError> {
@@ -659,7 +770,7 @@ mod tests {
     #[test]
     fn config_round_trips() {
         let c = parse(&format!(
-            r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}}}}"#
+            r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}}, "vsock": {{"guest_cid": 7, "uds_path": "/v"}}}}"#
         ))
         .unwrap();
         let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();

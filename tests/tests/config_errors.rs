@@ -186,10 +186,14 @@ fn missing_initrd_is_named() {
 fn sections_not_supported_yet_are_refused_clearly() {
     let json = config_with(&vmlinux(), 1, 128).replacen(
         '{',
-        "{\"vsock\":{\"guest_cid\":3,\"uds_path\":\"/tmp/v.sock\"},",
+        "{\"balloon\":{\"amount_mib\":16,\"deflate_on_oom\":false},",
         1,
     );
-    expect_config_error("vsock", &json, &["vsock", "not supported by this version"]);
+    expect_config_error(
+        "balloon",
+        &json,
+        &["balloon", "not supported by this version"],
+    );
 }
 
 #[test]
@@ -241,4 +245,34 @@ fn invalid_drive_and_interface_entries_are_named() {
         1,
     );
     expect_config_error("bad-mac", &json, &["network-interfaces[0].guest_mac"]);
+}
+
+#[test]
+fn vsock_socket_in_a_missing_directory_is_refused_before_boot() {
+    let json = config_with(&vmlinux(), 1, 128).replacen(
+        '{',
+        "{\"vsock\":{\"guest_cid\":3,\"uds_path\":\"/nonexistent/dir/v.sock\"},",
+        1,
+    );
+    expect_config_error(
+        "vsock",
+        &json,
+        &[
+            "vsock.uds_path",
+            "/nonexistent/dir/v.sock",
+            "does not exist",
+        ],
+    );
+}
+
+#[test]
+fn vsock_reserved_cids_are_refused() {
+    for cid in [0, 1, 2] {
+        let json = config_with(&vmlinux(), 1, 128).replacen(
+            '{',
+            &format!("{{\"vsock\":{{\"guest_cid\":{cid},\"uds_path\":\"/tmp/v.sock\"}},"),
+            1,
+        );
+        expect_config_error("vsock", &json, &["vsock.guest_cid"]);
+    }
 }

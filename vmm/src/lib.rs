@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use api::models::{
-    parse_mac, BootSource, CacheType, Drive, ModelError, NetworkInterface, VmConfig,
+    parse_mac, BootSource, CacheType, Drive, ModelError, NetworkInterface, VmConfig, VsockConfig,
     MAX_BOOT_ARGS_LEN,
 };
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -35,6 +35,7 @@ use devices::legacy::{
 };
 use devices::virtio::block::{Block, BlockError, DriveSpec};
 use devices::virtio::net::{Net, NetError, NetSpec};
+use devices::virtio::vsock::{self as vsock_device, Vsock, VsockError, VsockSpec};
 use devices::BusError;
 use vstate::kvm::{self, KvmError, KvmVm};
 use vstate::memory::{self, MemoryError};
@@ -70,6 +71,8 @@ pub enum VmmError {
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("boot-source.boot_args: with the device arguments the kernel command line is {0} bytes; the limit is {max}", max = MAX_BOOT_ARGS_LEN - 1)]
     CmdlineTooLong(usize),
@@ -79,6 +82,9 @@ impl VmmError {
     /// True for errors in what the user asked for (fix the configuration), as opposed to
     /// failures of the host or of running the guest.
     pub fn is_config_error(&self) -> bool {
+        if let VmmError::Vsock(e) = self {
+            return e.is_config_error();
+        }
         matches!(
             self,
             VmmError::Config(_)
@@ -145,6 +151,9 @@ pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
     for drive in &config.drives {
         Block::open_disk(&drive_spec(drive))?;
     }
+    if let Some(vsock) = &config.vsock {
+        vsock_device::unix::check_path(&vsock.uds_path)?;
+    }
     Ok(())
 }
 
@@ -190,6 +199,9 @@ impl Vmm {
         let mut devices = DeviceSetup::new(&vm, buses, &guest_memory, &mut event_manager);
         let root_args = devices.attach_drives(&config.drives)?;
         devices.attach_network(&config.network_interfaces)?;
+        if let Some(vsock) = &config.vsock {
+            devices.attach_vsock(vsock)?;
+        }
         let (buses, device_args) = devices.finish();
 
         let cmdline = compose_cmdline(&[&device_args, &root_args, boot_source.boot_args()])?;
@@ -329,6 +341,24 @@ impl<'a> DeviceSetup<'a> {
                 .attach(self.vm, &mut self.buses, self.mem, &name, net.clone())?;
             self.event_manager.add_subscriber(net);
         }
+        Ok(())
+    }
+
+    /// Attaches the vsock device, which starts listening for host clients at once.
+    fn attach_vsock(&mut self, config: &VsockConfig) -> Result<(), VmmError> {
+        let spec = VsockSpec {
+            guest_cid: config.guest_cid,
+            uds_path: config.uds_path.clone(),
+        };
+        let vsock = Arc::new(Mutex::new(Vsock::new(&spec)?));
+        self.mmio.attach(
+            self.vm,
+            &mut self.buses,
+            self.mem,
+            "the vsock device",
+            vsock.clone(),
+        )?;
+        self.event_manager.add_subscriber(vsock);
         Ok(())
     }
 

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
