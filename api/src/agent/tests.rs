@@ -2,7 +2,6 @@
 //! handshake plus a scripted agent) and a fake READY call. The real agent is tested in
 //! guest-init's integration tests.
 
-use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -14,25 +13,8 @@ use guest_init::proto::{self, FrameKind, PingResponse, Ready, Request};
 use super::*;
 
 /// A directory for one test, removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(tag: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("ember-api-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
 }
 
 fn ping_reply(boot_ms: u64) -> PingResponse {
@@ -71,8 +53,8 @@ fn fake_vmm(path: &Path, reply: &'static str, connections: usize) -> JoinHandle<
 
 #[test]
 fn vsock_handshake_then_ping() {
-    let dir = temp_dir("handshake");
-    let uds = dir.join("vm.vsock");
+    let dir = temp_dir();
+    let uds = dir.path().join("vm.vsock");
     let vmm = fake_vmm(&uds, "OK 1073741824\n", 1);
     let ping = AgentClient::vsock(&uds).ping().unwrap();
     assert_eq!(ping, ping_reply(77));
@@ -81,8 +63,8 @@ fn vsock_handshake_then_ping() {
 
 #[test]
 fn refused_handshake_names_the_socket_and_the_reply() {
-    let dir = temp_dir("refused");
-    let uds = dir.join("vm.vsock");
+    let dir = temp_dir();
+    let uds = dir.path().join("vm.vsock");
     let vmm = fake_vmm(&uds, "", 1);
     let err = AgentClient::vsock(&uds).ping().unwrap_err();
     let message = err.to_string();
@@ -98,22 +80,22 @@ fn refused_handshake_names_the_socket_and_the_reply() {
 
 #[test]
 fn missing_socket_says_the_vm_may_not_run() {
-    let dir = temp_dir("missing");
-    let err = connect_vsock(dir.join("nope.vsock"), 1024).unwrap_err();
+    let dir = temp_dir();
+    let err = connect_vsock(dir.path().join("nope.vsock"), 1024).unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, AgentError::ConnectVsock { .. }), "{message}");
     assert!(
         message.contains("nope.vsock") && message.contains("VM running"),
         "{message}"
     );
-    let err = connect_unix(dir.join("nope.sock")).unwrap_err();
+    let err = connect_unix(dir.path().join("nope.sock")).unwrap_err();
     assert!(matches!(err, AgentError::ConnectUnix { .. }), "{err}");
 }
 
 #[test]
 fn an_agent_that_never_answers_times_out() {
-    let dir = temp_dir("silent");
-    let path = dir.join("agent.sock");
+    let dir = temp_dir();
+    let path = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let (done, wait_done) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
@@ -163,8 +145,8 @@ fn send_ready(uds: &Path, boot_ms: u64, delay: Duration) -> JoinHandle<()> {
 
 #[test]
 fn wait_ready_takes_the_ready_call_and_removes_a_stale_socket() {
-    let dir = temp_dir("ready");
-    let uds = dir.join("vm.vsock");
+    let dir = temp_dir();
+    let uds = dir.path().join("vm.vsock");
     // A stale socket from an earlier run is in the way.
     drop(UnixListener::bind(ready_socket_path(&uds)).unwrap());
     let vm = send_ready(&uds, 123, Duration::from_millis(50));
@@ -175,8 +157,8 @@ fn wait_ready_takes_the_ready_call_and_removes_a_stale_socket() {
 
 #[test]
 fn wait_ready_asks_an_agent_that_is_already_up() {
-    let dir = temp_dir("readyping");
-    let uds = dir.join("vm.vsock");
+    let dir = temp_dir();
+    let uds = dir.path().join("vm.vsock");
     let vmm = fake_vmm(&uds, "OK 5\n", 1);
     assert_eq!(wait_ready(&uds, Duration::from_secs(10)).unwrap(), 77);
     vmm.join().unwrap();
@@ -184,8 +166,8 @@ fn wait_ready_asks_an_agent_that_is_already_up() {
 
 #[test]
 fn wait_ready_times_out_and_refuses_to_delete_other_files() {
-    let dir = temp_dir("readytimeout");
-    let uds = dir.join("vm.vsock");
+    let dir = temp_dir();
+    let uds = dir.path().join("vm.vsock");
     let err = wait_ready(&uds, Duration::from_millis(100)).unwrap_err();
     assert!(matches!(err, AgentError::ReadyTimeout { .. }), "{err}");
     std::fs::write(ready_socket_path(&uds), b"precious").unwrap();

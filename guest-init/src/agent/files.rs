@@ -317,25 +317,8 @@ mod tests {
     use std::io::Cursor;
 
     /// A directory for one test, removed when the test ends.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn join(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn temp_dir(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("ember-files-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     /// A fake connection: reads from scripted frames, collects what is written.
@@ -395,8 +378,8 @@ mod tests {
 
     #[test]
     fn upload_lands_with_its_mode() {
-        let dir = temp_dir("upload");
-        let target = dir.join("sub/file");
+        let dir = temp_dir();
+        let target = dir.path().join("sub/file");
         let mut conn = Script::new(&[
             (FrameKind::Data, b"hello "),
             (FrameKind::Data, b"world"),
@@ -408,29 +391,33 @@ mod tests {
         let replies = conn.replies();
         assert_eq!(replies.len(), 1);
         assert_eq!(replies[0].json::<WriteFileResponse>().unwrap().written, 11);
-        assert!(leftovers(&dir.join("sub")).is_empty());
+        assert!(leftovers(&dir.path().join("sub")).is_empty());
     }
 
     #[test]
     fn broken_upload_keeps_the_old_file_and_no_temp() {
-        let dir = temp_dir("broken");
-        let target = dir.join("file");
+        let dir = temp_dir();
+        let target = dir.path().join("file");
         fs::write(&target, b"old").unwrap();
         // The stream ends before the empty DATA frame.
         let mut conn = Script::new(&[(FrameKind::Data, b"new data")]);
         let failure = write_file(&mut conn, &write_request(&target)).unwrap_err();
         assert_eq!(failure.code, ErrorCode::Protocol);
         assert_eq!(fs::read(&target).unwrap(), b"old");
-        assert!(leftovers(&dir.0).is_empty(), "{:?}", leftovers(&dir.0));
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
     }
 
     #[test]
     fn wrong_frame_in_an_upload_is_a_protocol_error() {
-        let dir = temp_dir("wrongframe");
+        let dir = temp_dir();
         let mut conn = Script::new(&[(FrameKind::Data, b"x"), (FrameKind::Stdin, b"y")]);
-        let failure = write_file(&mut conn, &write_request(&dir.join("f"))).unwrap_err();
+        let failure = write_file(&mut conn, &write_request(&dir.path().join("f"))).unwrap_err();
         assert_eq!(failure.code, ErrorCode::Protocol);
-        assert!(!dir.join("f").exists());
+        assert!(!dir.path().join("f").exists());
     }
 
     #[test]
@@ -451,11 +438,11 @@ mod tests {
 
     #[test]
     fn read_file_streams_and_ends_with_an_empty_frame() {
-        let dir = temp_dir("read");
+        let dir = temp_dir();
         let data: Vec<u8> = (0..DATA_CHUNK * 2 + 10).map(|i| (i % 251) as u8).collect();
-        fs::write(dir.join("f"), &data).unwrap();
+        fs::write(dir.path().join("f"), &data).unwrap();
         let mut conn = Script::new(&[]);
-        read_file(&mut conn, &dir.join("f").to_string_lossy()).unwrap();
+        read_file(&mut conn, &dir.path().join("f").to_string_lossy()).unwrap();
         let replies = conn.replies();
         let header: ReadFileResponse = replies[0].json().unwrap();
         assert_eq!(header.size, data.len() as u64);
