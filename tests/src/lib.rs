@@ -67,6 +67,7 @@ pub fn placement() -> Result<Placement, String> {
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     pub ember: PathBuf,
+    pub emberctl: PathBuf,
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
     pub initramfs: PathBuf,
@@ -81,8 +82,10 @@ impl Artifacts {
         let ember = std::env::var_os("EMBER_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target/release/ember"));
+        let emberctl = ember.with_file_name("emberctl");
         let found = Self {
             ember,
+            emberctl,
             vmlinux: out.join("vmlinux"),
             bzimage: out.join("bzImage"),
             initramfs: out.join("initramfs.cpio"),
@@ -90,6 +93,7 @@ impl Artifacts {
         };
         let all = [
             &found.ember,
+            &found.emberctl,
             &found.vmlinux,
             &found.bzimage,
             &found.initramfs,
@@ -104,6 +108,28 @@ impl Artifacts {
             }
         }
         Ok(found)
+    }
+}
+
+impl Artifacts {
+    /// A private, writable copy of the standard rootfs at `dir/root.ext4` (sparse, so a copy
+    /// costs only the blocks in use).
+    pub fn private_rootfs(&self, dir: &Path) -> Result<PathBuf, String> {
+        let root = dir.join("root.ext4");
+        let status = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&self.rootfs)
+            .arg(&root)
+            .status()
+            .map_err(|e| format!("cannot run cp: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "cannot copy {} to {}",
+                self.rootfs.display(),
+                root.display()
+            ));
+        }
+        Ok(root)
     }
 }
 
@@ -439,6 +465,35 @@ impl SignalNumber for std::process::ExitStatus {
     }
 }
 
+/// Runs a test whose body drives VMs from Rust where KVM can boot stock guests.
+///
+/// Returns the directory the body works in when that place is here (hardware KVM, or this
+/// process already runs inside the test bed): the caller then runs its body. Otherwise it
+/// runs `test` of this same test binary inside the nested test bed, panics with everything
+/// it printed unless it passed there, and returns None: the body ran, over there.
+pub fn vm_test(test: &str, timeout: Duration) -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("EMBER_TEST_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let placement = placement().unwrap_or_else(|e| panic!("{e}"));
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("cannot find this test: {e}"));
+    let script = format!(
+        "EMBER_TEST_DIR=\"$PWD\" {} --exact {test} --nocapture --test-threads=1",
+        shell_quote(&exe)
+    );
+    let job = Job::new(test, script).timeout(timeout);
+    if placement == Placement::Direct {
+        // Run the body in this process, in the job's directory.
+        return Some(job.dir().to_path_buf());
+    }
+    let out = job.run().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status == 0 && out.stdout.contains("test result: ok. 1 passed"),
+        "{test} failed in the test bed:\n{out}"
+    );
+    None
+}
+
 /// Waits for `child` to exit; kills it and returns None once `timeout` has passed.
 pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -565,6 +620,8 @@ pub struct GuestSpec {
     pub drives: Vec<serde_json::Value>,
     /// `network-interfaces[]` entries, in Firecracker's format.
     pub nets: Vec<serde_json::Value>,
+    /// The `vsock` section, in Firecracker's format.
+    pub vsock: Option<serde_json::Value>,
 }
 
 impl GuestSpec {
@@ -578,6 +635,19 @@ impl GuestSpec {
             boot_args: TEST_BOOT_ARGS.into(),
             drives: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
+        }
+    }
+
+    /// A guest that boots from a writable ext4 root at `root` and stays up, serving the
+    /// agent on a vsock device whose Unix socket is `uds_path`.
+    pub fn with_agent(artifacts: &Artifacts, root: &Path, uds_path: &Path) -> Self {
+        Self {
+            initrd: None,
+            boot_args: TEST_BOOT_ARGS.replace(" ember.test=poweroff", ""),
+            drives: vec![drive("rootfs", root, true, false)],
+            vsock: Some(serde_json::json!({"guest_cid": 3, "uds_path": uds_path})),
+            ..Self::standard(artifacts)
         }
     }
 
@@ -614,6 +684,9 @@ impl GuestSpec {
         }
         if !self.nets.is_empty() {
             config["network-interfaces"] = serde_json::Value::Array(self.nets.clone());
+        }
+        if let Some(vsock) = &self.vsock {
+            config["vsock"] = vsock.clone();
         }
         config.to_string()
     }
@@ -688,6 +761,7 @@ mod tests {
             boot_args: "quiet".into(),
             drives: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
         };
         let v: serde_json::Value = serde_json::from_str(&spec.config_json()).unwrap();
         assert_eq!(v["boot-source"]["kernel_image_path"], "/k");

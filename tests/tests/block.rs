@@ -16,15 +16,8 @@ fn artifacts() -> Artifacts {
 
 /// Copies the standard rootfs into the job (the guest writes to it).
 fn private_rootfs(job: &Job, art: &Artifacts) -> PathBuf {
-    let root = job.dir().join("root.ext4");
-    let ok = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&art.rootfs)
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "cannot copy the rootfs");
-    root
+    art.private_rootfs(job.dir())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn sparse_file(path: &Path, bytes: u64) {

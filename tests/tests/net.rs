@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
 use testbed::{shell_quote, Artifacts, GuestSpec, Job};
@@ -42,14 +41,9 @@ kill $! 2>/dev/null || true
         peer = shell_quote(&testbed::repo_root().join("tests/testbed/tcp_peer.py")),
     );
     let job = Job::new("net", script).timeout(Duration::from_secs(480));
-    let root = job.dir().join("root.ext4");
-    let copied = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&art.rootfs)
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    let root = art
+        .private_rootfs(job.dir())
+        .unwrap_or_else(|e| panic!("{e}"));
     let guest_script = format!(
         "set -e; ping -c 3 -W 5 172.16.0.1; head -c {GUEST_TO_HOST} /dev/urandom > /tmp/f; \
          md5sum /tmp/f; nc 172.16.0.1 5000 < /tmp/f; nc 172.16.0.1 5001 > /tmp/g; md5sum /tmp/g; \

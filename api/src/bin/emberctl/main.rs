@@ -39,6 +39,10 @@ enum Command {
     Ping(PingArgs),
     /// Wait until the guest agent is ready; print the guest uptime (ms) at which it was.
     WaitReady(WaitReadyArgs),
+    /// Ask the guest to sync its filesystems and power off (the VM then ends).
+    Shutdown(PingArgs),
+    /// Ask the guest to reboot (on Ember without ACPI this also ends the VM).
+    Reboot(PingArgs),
 }
 
 /// Where the agent is.
@@ -86,6 +90,8 @@ fn main() -> ExitCode {
         Command::Cp(args) => report(cp::run(&args)),
         Command::Ping(args) => report(ping(&args)),
         Command::WaitReady(args) => report(wait_ready(&args)),
+        Command::Shutdown(args) => report(args.target.client().shutdown()),
+        Command::Reboot(args) => report(args.target.client().reboot()),
     };
     ExitCode::from(code)
 }
