@@ -5,7 +5,9 @@
 //!
 //! `ember-bench boot [--runs N] [--vcpus N] [--mem MIB] [--rootfs] [--json PATH] [--no-peer]`
 //! `ember-bench devices [--runs N] [--seconds S] [--net-mib M] [--json PATH]`
+//! `ember-bench agent [--runs N] [--execs N] [--mib M] [--json PATH] [--no-peer]`
 
+mod agent;
 mod boot;
 mod devices;
 mod stats;
@@ -41,6 +43,25 @@ enum Bench {
     /// Disk (sequential 1 MiB, random 4 KiB, direct I/O) and TCP throughput in the guest,
     /// Ember vs QEMU microvm.
     Devices(DevicesArgs),
+    /// Process start to agent ready over vsock (QEMU microvm: to the serial ready line),
+    /// exec round trip, and upload/download throughput through the agent.
+    Agent(AgentArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct AgentArgs {
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// `exec true` round trips per Ember boot.
+    #[arg(long, default_value_t = 50)]
+    execs: usize,
+    /// MiB uploaded and downloaded per Ember boot.
+    #[arg(long, default_value_t = 64)]
+    mib: usize,
+    /// Measure Ember alone.
+    #[arg(long)]
+    no_peer: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -99,6 +120,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     let report = match &cli.command {
         Bench::Boot(args) => boot_bench(args, &art, &work)?,
         Bench::Devices(args) => devices_bench(args, &art, &work)?,
+        Bench::Agent(args) => agent_bench(args, &art, &work)?,
     };
     if let Some(path) = &cli.json {
         ensure_parent_dir(path)?;
@@ -226,6 +248,59 @@ fn devices_bench(
     }))
 }
 
+fn agent_bench(
+    args: &AgentArgs,
+    art: &Artifacts,
+    work: &Path,
+) -> Result<serde_json::Value, String> {
+    if args.runs == 0 || args.execs == 0 || args.mib == 0 {
+        return Err("--runs, --execs and --mib must be at least 1".into());
+    }
+    let r = agent::compare(args.runs, args.execs, args.mib, art, work, !args.no_peer)?;
+    println!(
+        "agent: {} runs, {} exec round trips and {} MiB each way per Ember boot; {}",
+        args.runs,
+        args.execs,
+        args.mib,
+        environment()
+    );
+    let row = |name: &str, s: &stats::Summary| {
+        println!("{name:<34} {:>12.1} {:>12.1}", s.median, s.p90);
+    };
+    println!("{:<34} {:>12} {:>12}", "metric", "median", "p90");
+    row(
+        "ember: start -> agent ready (ms)",
+        &r.ember_to_agent_ready_ms,
+    );
+    let mut ratio = serde_json::Value::Null;
+    if let Some(q) = &r.qemu_to_serial_ready_ms {
+        row("qemu: start -> serial ready (ms)", q);
+        let (median, p90) = (
+            q.median / r.ember_to_agent_ready_ms.median,
+            q.p90 / r.ember_to_agent_ready_ms.p90,
+        );
+        println!(
+            "qemu serial ready / ember agent ready: {median:.2}x at the median, {p90:.2}x at p90"
+        );
+        ratio = json!({"median": median, "p90": p90});
+    }
+    row("ember: exec true round trip (ms)", &r.exec_true_ms);
+    println!(
+        "{:<34} {:>12.2}",
+        "ember: exec true p99 (ms)", r.exec_true_p99_ms
+    );
+    row("ember: upload (MiB/s)", &r.upload_mib_s);
+    row("ember: download (MiB/s)", &r.download_mib_s);
+    Ok(json!({
+        "benchmark": "agent",
+        "metric": "ms to readiness and per exec round trip; MiB/s through the agent",
+        "environment": environment(),
+        "runs": args.runs,
+        "results": r,
+        "qemu_serial_ready_over_ember_agent_ready": ratio,
+    }))
+}
+
 /// Runs this same command inside the nested test bed and relays its output.
 fn rerun_nested(cli: &Cli) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -249,6 +324,16 @@ fn rerun_nested(cli: &Cli) -> Result<(), String> {
             3072,
             5 + 4 * a.runs as u64,
         ),
+        Bench::Agent(a) => {
+            let mut c = format!(
+                "agent --runs {} --execs {} --mib {}",
+                a.runs, a.execs, a.mib
+            );
+            if a.no_peer {
+                c += " --no-peer";
+            }
+            (c, "bench-agent", 3072, 5 + 4 * a.runs as u64)
+        }
     };
     let script = format!(
         "{} {command} --json result.json --work-dir .",
