@@ -16,10 +16,11 @@ build: deps
 	./resources/build.sh
 	$(CARGO) build --release --workspace --quiet
 
-# Boot a VM (2 vCPUs, 256 MiB) to ember-init and print its ready line and boot time.
+# Boot a VM (2 vCPUs, 256 MiB, ext4 root, vsock), run a command in it through the agent,
+# print its output and the boot figures.
 run: build
 	@echo "placement: $$($(TESTBED) --show-placement)"
-	$(TESTBED) -- target/release/ember --no-api --config-file resources/demo.json --boot-timer
+	$(TESTBED) -- resources/demo.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
