@@ -18,6 +18,14 @@ use guest_init::ipconfig::IpConfig;
 use guest_init::{cmdline, report};
 
 use agent::PowerAction;
+
+/// `eprintln!` as one console write: see `report::console_line`.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        guest_init::report::console_line(&format!($($arg)*))
+    };
+}
+
 use reaper::{Reaper, Remaining};
 
 mod agent;
@@ -45,7 +53,7 @@ fn main() {
         std::process::exit(standalone::main(&REAPER));
     }
     let action = run().unwrap_or_else(|e| {
-        eprintln!("ember-init: {e:#}");
+        say!("ember-init: {e:#}");
         PowerAction::PowerOff
     });
     // PID 1 must not exit (the kernel would panic); a failed init powers the VM off instead.
@@ -59,13 +67,13 @@ fn run() -> Result<PowerAction> {
     if switch_root::running_from_initramfs() {
         if let Some(root) = cmdline::RootSpec::from_args(&cmdline::split_args(&text)) {
             let Err(e) = switch_root::switch_to(&root);
-            eprintln!("ember-init: {e:#}; staying on the initramfs");
+            say!("ember-init: {e:#}; staying on the initramfs");
             mount_pseudo_filesystems()?;
         }
     }
     let (options, warnings) = cmdline::parse(&text);
     for warning in warnings {
-        eprintln!("ember-init: {warning}");
+        say!("ember-init: {warning}");
     }
     set_hostname(&options.hostname)?;
     configure_network(options.ip.as_deref());
@@ -173,12 +181,12 @@ fn configure_network(ip: Option<&str>) {
     let config = match ip.map(IpConfig::parse).transpose() {
         Ok(config) => config.flatten(),
         Err(e) => {
-            eprintln!("ember-init: {e}");
+            say!("ember-init: {e}");
             None
         }
     };
     if let Err(e) = netif::configure(config.as_ref()) {
-        eprintln!(
+        say!(
             "ember-init: {e:#} (interfaces: {})",
             netif::interface_names().join(", ")
         );
@@ -257,7 +265,7 @@ fn run_command(command: &str) {
     unsafe { shell.pre_exec(reaper::restore_default_signals) };
     let raw = match REAPER.spawn(&mut shell) {
         Ok((_child, watch)) => watch.wait(),
-        Err(e) => return eprintln!("ember-init: cannot run /bin/sh: {e}"),
+        Err(e) => return say!("ember-init: cannot run /bin/sh: {e}"),
     };
     let status = std::process::ExitStatus::from_raw(raw);
     match (status.code(), status.signal()) {

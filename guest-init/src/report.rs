@@ -71,3 +71,14 @@ mod tests {
         assert_eq!(system_ram_kib(""), Some(0));
     }
 }
+
+/// Writes one line to the console (stderr) with a single `write`, so that lines printed by
+/// PID 1's threads at the same moment never interleave mid-line (`eprintln!` writes each
+/// formatted piece separately).
+pub fn console_line(line: &str) {
+    use std::io::Write;
+    let mut text = String::with_capacity(line.len() + 1);
+    text.push_str(line);
+    text.push('\n');
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}

@@ -27,7 +27,7 @@ pub fn main(reaper: &'static Reaper) -> i32 {
         ["--agent-unix", path] => match serve_unix(Path::new(path), reaper) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("ember-init: {e:#}");
+                say!("ember-init: {e:#}");
                 1
             }
         },
@@ -36,7 +36,7 @@ pub fn main(reaper: &'static Reaper) -> i32 {
             0
         }
         _ => {
-            eprintln!("{USAGE}");
+            say!("{USAGE}");
             2
         }
     }
@@ -57,7 +57,7 @@ fn serve_unix(path: &Path, reaper: &'static Reaper) -> Result<()> {
         .name("agent".into())
         .spawn(move || agent::serve(listener, agent))
         .context("cannot start the agent's thread")?;
-    eprintln!("ember-init: agent listening on {}", path.display());
+    say!("ember-init: agent listening on {}", path.display());
     crate::supervise(&signals);
     reaper.kill_all_groups();
     let _ = std::fs::remove_file(path);

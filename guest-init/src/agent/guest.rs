@@ -15,7 +15,7 @@ pub fn start_in_guest(reaper: &'static Reaper, power: PowerHandler) {
         .name("agent".into())
         .spawn(move || run(reaper, power));
     if let Err(e) = started {
-        eprintln!("ember-init: agent: cannot start its thread: {e}; running without the agent");
+        say!("ember-init: agent: cannot start its thread: {e}; running without the agent");
     }
 }
 
@@ -23,7 +23,7 @@ fn run(reaper: &'static Reaper, power: PowerHandler) {
     let listener = match VsockListener::bind(AGENT_PORT) {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!(
+            say!(
                 "ember-init: agent: cannot listen on vsock port {AGENT_PORT}: {e}; \
                  running without the agent (does the VM have a vsock device?)"
             );
@@ -49,10 +49,16 @@ fn announce_ready(boot_ms: u64) {
     };
     let sent = VsockStream::connect(HOST_CID, READY_PORT)
         .and_then(|mut host| proto::write_json(&mut host, FrameKind::Ready, &ready));
-    if let Err(e) = sent {
-        eprintln!(
+    match sent {
+        Ok(()) => {}
+        // The listener binds without a transport; only a connect finds out.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => say!(
+            "ember-init: agent: the VM has no vsock device; the agent is unreachable \
+             (add a `vsock` section to the VM's configuration)"
+        ),
+        Err(e) => say!(
             "ember-init: agent: ready, but nobody on the host took the call on vsock port \
              {READY_PORT} ({e})"
-        );
+        ),
     }
 }

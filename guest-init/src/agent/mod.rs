@@ -123,7 +123,7 @@ pub fn serve<L: Listener>(listener: L, agent: Arc<Agent>) {
             Err(e) => {
                 // Out of descriptors or memory: say so once, then back off instead of spinning.
                 if !reported {
-                    eprintln!("ember-init: agent: cannot accept a connection: {e}");
+                    say!("ember-init: agent: cannot accept a connection: {e}");
                     reported = true;
                 }
                 std::thread::sleep(Duration::from_millis(100));
