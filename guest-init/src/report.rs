@@ -46,6 +46,17 @@ pub fn system_ram_kib(iomem: &str) -> Option<u64> {
     Some(bytes / 1024)
 }
 
+/// Writes one line to the console (stderr) with a single `write`, so that lines printed by
+/// PID 1's threads at the same moment never interleave mid-line (`eprintln!` writes each
+/// formatted piece separately).
+pub fn console_line(line: &str) {
+    use std::io::Write;
+    let mut text = String::with_capacity(line.len() + 1);
+    text.push_str(line);
+    text.push('\n');
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,15 +81,4 @@ mod tests {
         assert_eq!(system_ram_kib(iomem), Some(ram / 1024));
         assert_eq!(system_ram_kib(""), Some(0));
     }
-}
-
-/// Writes one line to the console (stderr) with a single `write`, so that lines printed by
-/// PID 1's threads at the same moment never interleave mid-line (`eprintln!` writes each
-/// formatted piece separately).
-pub fn console_line(line: &str) {
-    use std::io::Write;
-    let mut text = String::with_capacity(line.len() + 1);
-    text.push_str(line);
-    text.push('\n');
-    let _ = std::io::stderr().write_all(text.as_bytes());
 }
