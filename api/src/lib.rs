@@ -1,5 +1,9 @@
 //! Ember's control plane on the host: the configuration and API models (Firecracker's
-//! dialect) and the client for ember-init's guest agent.
+//! dialect), HTTP framing and routing for the API socket, the API socket's client, and the
+//! client for ember-init's guest agent. Nothing here touches KVM.
 
 pub mod agent;
+pub mod client;
+pub mod http;
 pub mod models;
+pub mod requests;

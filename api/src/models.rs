@@ -391,6 +391,26 @@ impl VmConfig {
             reason: "missing; give kernel_image_path at least".into(),
         })?;
         boot.validate()?;
+        self.validate_present()?;
+        let unsupported = [
+            ("logger", self.logger.is_some()),
+            ("metrics", self.metrics.is_some()),
+            ("mmds-config", self.mmds_config.is_some()),
+            ("balloon", self.balloon.is_some()),
+            ("entropy", self.entropy.is_some()),
+        ];
+        match unsupported.iter().find(|(_, present)| *present) {
+            Some((name, _)) => Err(ModelError::Unsupported(name)),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the sections given so far, as the API builds a configuration piece by piece:
+    /// like [`VmConfig::validate`], but `boot-source` may still be missing.
+    pub fn validate_present(&self) -> Result<(), ModelError> {
+        if let Some(boot) = &self.boot_source {
+            boot.validate()?;
+        }
         self.machine_config.validate()?;
         validate_drives(&self.drives)?;
         validate_network_interfaces(&self.network_interfaces)?;
@@ -405,17 +425,7 @@ impl VmConfig {
                 format!("{devices} drives, network interfaces and vsock devices is too many; the limit is {MAX_VIRTIO_DEVICES}"),
             ));
         }
-        let unsupported = [
-            ("logger", self.logger.is_some()),
-            ("metrics", self.metrics.is_some()),
-            ("mmds-config", self.mmds_config.is_some()),
-            ("balloon", self.balloon.is_some()),
-            ("entropy", self.entropy.is_some()),
-        ];
-        match unsupported.iter().find(|(_, present)| *present) {
-            Some((name, _)) => Err(ModelError::Unsupported(name)),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }
 

@@ -2,18 +2,22 @@
 //! devices, vCPUs) and runs it on an event-manager loop until the guest stops.
 //!
 //! Threads: the caller's thread runs the event loop (console input, guest resets, vCPU
-//! stops); each vCPU runs on its own thread and dispatches its port and MMIO exits directly
-//! to the buses.
+//! stops, API requests through [`rpc`]); each vCPU runs on its own thread and dispatches
+//! its port and MMIO exits directly to the buses, and is paused and resumed through its
+//! [`vstate::vcpu::VcpuHandle`].
 
 pub mod arch;
 pub mod device_manager;
 pub mod devices;
+pub mod metrics;
+pub mod rpc;
 pub mod vstate;
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use api::models::{
     parse_mac, BootSource, CacheType, Drive, ModelError, NetworkInterface, VmConfig, VsockConfig,
@@ -37,9 +41,10 @@ use devices::virtio::block::{Block, BlockError, DriveSpec};
 use devices::virtio::net::{Net, NetError, NetSpec};
 use devices::virtio::vsock::{self as vsock_device, Vsock, VsockError, VsockSpec};
 use devices::BusError;
+use metrics::{DeviceCounters, VcpuExitCounters};
 use vstate::kvm::{self, KvmError, KvmVm};
 use vstate::memory::{self, MemoryError};
-use vstate::vcpu::{Buses, Vcpu, VcpuError, VcpuStop};
+use vstate::vcpu::{Buses, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
 
 /// Anything that stops a VM from being built or run. Messages say what failed, on what.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,12 @@ pub enum VmmError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("drives: no drive {0:?}; PUT /drives/{0} before the VM starts")]
+    NoSuchDrive(String),
+    #[error("the VM has not been started")]
+    NotStarted,
+    #[error("the VM is already running")]
+    AlreadyStarted,
     #[error("boot-source.boot_args: with the device arguments the kernel command line is {0} bytes; the limit is {max}", max = MAX_BOOT_ARGS_LEN - 1)]
     CmdlineTooLong(usize),
 }
@@ -127,20 +138,36 @@ pub struct VmmOptions {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// How long a vCPU may take to answer a pause or resume request. Generous: a nested TCG
+/// host can take long to deliver a signal to a busy vCPU thread.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A built microVM, ready to run.
 pub struct Vmm {
     // Field order matters for drop: vCPUs go before the VM, the VM before guest memory.
     vcpus: Vec<Vcpu>,
+    handles: Vec<VcpuHandle>,
     /// Held so the VM and its memory slots outlive the vCPU threads.
     _vm: KvmVm,
     _guest_memory: Arc<GuestMemoryMmap>,
     event_manager: EventManager<Subscriber>,
     exits: Arc<Mutex<ExitWatcher>>,
+    i8042: Arc<Mutex<I8042>>,
+    drives: Vec<Arc<Mutex<Block>>>,
+    counters: DeviceCounters,
+    exit_counters: Arc<VcpuExitCounters>,
 }
 
 /// Checks a configuration without touching KVM: models, then the files it names.
 pub fn check_config(config: &VmConfig) -> Result<(), VmmError> {
     config.validate()?;
+    check_config_present(config)
+}
+
+/// Checks the sections given so far (the API builds a configuration piece by piece): the
+/// models, then the files they name; a missing boot source is not an error yet.
+pub fn check_config_present(config: &VmConfig) -> Result<(), VmmError> {
+    config.validate_present()?;
     memory::check_size(config.machine_config.mem_size_mib)?;
     if let Some(boot) = &config.boot_source {
         boot::detect_kernel_format(&boot.kernel_image_path)?;
@@ -194,50 +221,145 @@ impl Vmm {
         let exits = Arc::new(Mutex::new(exits));
         event_manager.add_subscriber(exits.clone());
 
-        let (buses, console_input) = legacy_devices(&vm, reset, options, console)?;
-        event_manager.add_subscriber(console_input);
-        let mut devices = DeviceSetup::new(&vm, buses, &guest_memory, &mut event_manager);
+        let legacy = legacy_devices(&vm, reset, options, console)?;
+        event_manager.add_subscriber(legacy.console_input);
+        let mut devices = DeviceSetup::new(&vm, legacy.buses, &guest_memory, &mut event_manager);
+        devices.counters.boot_timer = Some(legacy.boot_timer);
         let root_args = devices.attach_drives(&config.drives)?;
         devices.attach_network(&config.network_interfaces)?;
         if let Some(vsock) = &config.vsock {
             devices.attach_vsock(vsock)?;
         }
-        let (buses, device_args) = devices.finish();
+        let (buses, device_args, drives, counters) = devices.finish();
 
         let cmdline = compose_cmdline(&[&device_args, &root_args, boot_source.boot_args()])?;
         let mem_bytes = (machine.mem_size_mib as u64) << 20;
         let kernel = load_guest_image(&guest_memory, mem_bytes, boot_source, &cmdline)?;
         mptable::write(&guest_memory, machine.vcpu_count)?;
         regs::write_boot_structures(&guest_memory)?;
+        let exit_counters = Arc::new(VcpuExitCounters::default());
         let vcpus = (0..machine.vcpu_count)
             .map(|i| {
                 let evt = stopped_evt.try_clone().map_err(eventfd_err("vCPU stops"))?;
-                let vcpu = Vcpu::new(&vm, i, buses.clone(), stop_tx.clone(), evt)?;
+                let (stops, exits) = (stop_tx.clone(), exit_counters.clone());
+                let vcpu = Vcpu::new(&vm, i, buses.clone(), stops, evt, exits)?;
                 vcpu.configure(&vm, kernel.entry, machine.vcpu_count)?;
                 Ok(vcpu)
             })
             .collect::<Result<Vec<_>, VmmError>>()?;
         Ok(Self {
             vcpus,
+            handles: Vec::new(),
             _vm: vm,
             _guest_memory: guest_memory,
             event_manager,
             exits,
+            i8042: legacy.i8042,
+            drives,
+            counters,
+            exit_counters,
         })
     }
 
     /// Starts the vCPUs and runs the event loop until the guest stops or a vCPU fails.
     pub fn run(mut self) -> Result<VmOutcome, VmmError> {
-        for vcpu in std::mem::take(&mut self.vcpus) {
-            vcpu.start()?;
-        }
+        self.start()?;
         loop {
-            self.event_manager.run().map_err(VmmError::EventLoop)?;
-            if let Some(outcome) = lock(&self.exits).outcome.take() {
-                let _ = std::io::stdout().flush();
+            if let Some(outcome) = self.run_events(-1)? {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            self.handles.push(vcpu.start()?);
+        }
+        Ok(())
+    }
+
+    /// Serves events for up to `timeout_ms` (-1: until at least one arrives); `Some` once
+    /// the VM has ended.
+    pub fn run_events(&mut self, timeout_ms: i32) -> Result<Option<VmOutcome>, VmmError> {
+        self.event_manager
+            .run_with_timeout(timeout_ms)
+            .map_err(VmmError::EventLoop)?;
+        let outcome = lock(&self.exits).outcome.take();
+        if outcome.is_some() {
+            let _ = std::io::stdout().flush();
+        }
+        Ok(outcome)
+    }
+
+    /// Makes the event loop wake up when `fd` is written (the API's request signal).
+    pub fn add_wakeup(&mut self, fd: EventFd) {
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(Wakeup(fd))));
+    }
+
+    /// Stops every vCPU outside the guest and waits until all are parked.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        self.tell_vcpus(VcpuEvent::Pause)
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        self.tell_vcpus(VcpuEvent::Resume)
+    }
+
+    fn tell_vcpus(&mut self, event: VcpuEvent) -> Result<(), VmmError> {
+        if self.handles.is_empty() {
+            return Err(VmmError::NotStarted);
+        }
+        for handle in &self.handles {
+            handle.send(event)?;
+        }
+        for handle in &self.handles {
+            handle.wait_for(event, VCPU_ANSWER_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's keyboard (ember-init powers off cleanly).
+    pub fn send_ctrl_alt_del(&mut self) {
+        lock(&self.i8042).ctrl_alt_del();
+    }
+
+    /// Points drive `drive_id` at a new backing file and tells the guest its size may have
+    /// changed.
+    pub fn update_drive(&mut self, drive_id: &str, path: &Path) -> Result<(), VmmError> {
+        let drive = self
+            .drives
+            .iter()
+            .find(|d| lock(d).drive_id == drive_id)
+            .ok_or_else(|| VmmError::NoSuchDrive(drive_id.to_string()))?;
+        lock(drive).swap_backing_file(path)?;
+        Ok(())
+    }
+
+    /// The devices' counters and the boot timer, for metrics.
+    pub fn device_counters(&self) -> DeviceCounters {
+        self.counters.clone()
+    }
+
+    /// vCPU exits by kind, summed over the vCPUs.
+    pub fn exit_counters(&self) -> Arc<VcpuExitCounters> {
+        self.exit_counters.clone()
+    }
+}
+
+/// Wakes the event loop when its eventfd is written; the reader of the event acts on it.
+struct Wakeup(EventFd);
+
+impl MutEventSubscriber for Wakeup {
+    fn init(&mut self, ops: &mut EventOps) {
+        // A fresh eventfd; registering cannot fail short of running out of memory.
+        let _ = ops.add(Events::new(&self.0, EventSet::IN));
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
     }
 }
 
@@ -285,6 +407,8 @@ struct DeviceSetup<'a> {
     mem: &'a Arc<GuestMemoryMmap>,
     mmio: MmioDeviceManager,
     event_manager: &'a mut EventManager<Subscriber>,
+    drives: Vec<Arc<Mutex<Block>>>,
+    counters: DeviceCounters,
 }
 
 impl<'a> DeviceSetup<'a> {
@@ -300,6 +424,8 @@ impl<'a> DeviceSetup<'a> {
             mem,
             mmio: MmioDeviceManager::new(),
             event_manager,
+            drives: Vec::new(),
+            counters: DeviceCounters::default(),
         }
     }
 
@@ -311,10 +437,16 @@ impl<'a> DeviceSetup<'a> {
             .into_iter()
             .chain(drives.iter().filter(|d| !d.is_root_device))
         {
-            let block = Arc::new(Mutex::new(Block::new(&drive_spec(drive))?));
+            let block = Block::new(&drive_spec(drive))?;
+            let counters = block.counters.clone();
+            self.counters
+                .drives
+                .push((drive.drive_id.clone(), counters));
+            let block = Arc::new(Mutex::new(block));
             let name = format!("drive {}", drive.drive_id);
             self.mmio
                 .attach(self.vm, &mut self.buses, self.mem, &name, block.clone())?;
+            self.drives.push(block.clone());
             self.event_manager.add_subscriber(block);
         }
         Ok(root.map_or_else(String::new, |d| {
@@ -335,7 +467,10 @@ impl<'a> DeviceSetup<'a> {
                 // Validated with the configuration; an unparsable MAC cannot get here.
                 guest_mac: iface.guest_mac.as_deref().and_then(parse_mac),
             };
-            let net = Arc::new(Mutex::new(Net::new(&spec)?));
+            let net = Net::new(&spec)?;
+            let counters = net.counters.clone();
+            self.counters.nets.push((iface.iface_id.clone(), counters));
+            let net = Arc::new(Mutex::new(net));
             let name = format!("network interface {}", iface.iface_id);
             self.mmio
                 .attach(self.vm, &mut self.buses, self.mem, &name, net.clone())?;
@@ -350,7 +485,9 @@ impl<'a> DeviceSetup<'a> {
             guest_cid: config.guest_cid,
             uds_path: config.uds_path.clone(),
         };
-        let vsock = Arc::new(Mutex::new(Vsock::new(&spec)?));
+        let vsock = Vsock::new(&spec)?;
+        self.counters.vsock = Some(vsock.counters.clone());
+        let vsock = Arc::new(Mutex::new(vsock));
         self.mmio.attach(
             self.vm,
             &mut self.buses,
@@ -362,20 +499,30 @@ impl<'a> DeviceSetup<'a> {
         Ok(())
     }
 
-    /// The finished buses, shared by the vCPUs, and the devices' kernel arguments.
-    fn finish(self) -> (Arc<Buses>, String) {
-        (Arc::new(self.buses), self.mmio.kernel_args())
+    /// The finished buses, shared by the vCPUs, the devices' kernel arguments, the drives
+    /// and the device counters.
+    fn finish(self) -> (Arc<Buses>, String, Vec<Arc<Mutex<Block>>>, DeviceCounters) {
+        let args = self.mmio.kernel_args();
+        (Arc::new(self.buses), args, self.drives, self.counters)
     }
 }
 
-/// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus; returns the buses
-/// and the subscriber that feeds stdin to the console.
+/// The legacy devices and what the VMM keeps of them.
+struct LegacyDevices {
+    buses: Buses,
+    /// Feeds stdin to the serial console.
+    console_input: Subscriber,
+    i8042: Arc<Mutex<I8042>>,
+    boot_timer: Arc<Mutex<BootTimer>>,
+}
+
+/// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus.
 fn legacy_devices(
     vm: &KvmVm,
     reset: EventFdTrigger,
     options: VmmOptions,
     console: Box<dyn Write + Send>,
-) -> Result<(Buses, Subscriber), VmmError> {
+) -> Result<LegacyDevices, VmmError> {
     let mut buses = Buses::default();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("the serial IRQ"))?;
     vm.fd
@@ -397,22 +544,24 @@ fn legacy_devices(
     vm.fd
         .register_irqfd(&kbd_irq, i8042::I8042_KBD_IRQ)
         .map_err(|e| VmmError::Irqfd("the i8042 keyboard", i8042::I8042_KBD_IRQ, e))?;
-    let i8042 = I8042::new(reset, EventFdTrigger(kbd_irq));
+    let i8042 = Arc::new(Mutex::new(I8042::new(reset, EventFdTrigger(kbd_irq))));
     buses
         .pio
-        .insert(
-            i8042::I8042_BASE,
-            i8042::I8042_LEN,
-            Arc::new(Mutex::new(i8042)),
-        )
+        .insert(i8042::I8042_BASE, i8042::I8042_LEN, i8042.clone())
         .map_err(|e| VmmError::Bus("the i8042 controller", e))?;
     let timer = BootTimer::new(options.process_start, options.print_boot_time);
+    let boot_timer = Arc::new(Mutex::new(timer));
     buses
         .pio
-        .insert(u64::from(BOOT_TIMER_PORT), 1, Arc::new(Mutex::new(timer)))
+        .insert(u64::from(BOOT_TIMER_PORT), 1, boot_timer.clone())
         .map_err(|e| VmmError::Bus("the boot timer", e))?;
     let input = SerialInput::new(console, std::io::stdin(), input_ready);
-    Ok((buses, Arc::new(Mutex::new(input))))
+    Ok(LegacyDevices {
+        buses,
+        console_input: Arc::new(Mutex::new(input)),
+        i8042,
+        boot_timer,
+    })
 }
 
 /// Watches the events that end a VM: the i8042 reset line and vCPU stops.

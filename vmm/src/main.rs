@@ -1,16 +1,24 @@
 //! `ember`: command-line flags in Firecracker's shape -> configuration -> VM -> exit code.
 //!
+//! With `--api-sock PATH` the VM is configured and driven over the API socket
+//! ([`vmm::rpc`]); a `--config-file` then pre-configures it through the same actions and
+//! boots it at once. With `--no-api --config-file PATH` there is no socket.
+//!
 //! Exit codes: 0 the guest stopped itself (power-off, reboot); 1 the VM failed while being
 //! built or run; 2 the command line or configuration is wrong (the message names the flag,
 //! field or file).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc::channel;
 use std::time::Instant;
 
 use api::models::VmConfig;
+use api::requests::LogLevel;
 use clap::Parser;
+use vmm::rpc::{self, logger, server, Controller, Launcher, PreconfigureError, RunError};
 use vmm::{VmOutcome, Vmm, VmmError, VmmOptions};
+use vmm_sys_util::eventfd::EventFd;
 
 const EXIT_GUEST_STOPPED: u8 = 0;
 const EXIT_VM_FAILED: u8 = 1;
@@ -23,13 +31,14 @@ const EXIT_BAD_CONFIG: u8 = 2;
     about = "Ember: a small, fast microVM monitor"
 )]
 struct Cli {
-    /// Firecracker-format JSON configuration (boot-source, machine-config, ...).
+    /// Firecracker-format JSON configuration (boot-source, machine-config, ...); with the
+    /// API socket it pre-configures the VM and boots it at once.
     #[arg(long, value_name = "PATH")]
     config_file: Option<PathBuf>,
     /// Run without the API socket; the VM boots straight from --config-file.
     #[arg(long, requires = "config_file")]
     no_api: bool,
-    /// Path of the API socket.
+    /// Path of the API socket (HTTP/1.1, Firecracker's paths and bodies).
     #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
     api_sock: Option<PathBuf>,
     /// Print the time from process start to the guest's boot-complete signal (stderr).
@@ -46,21 +55,25 @@ fn main() -> ExitCode {
     let code = match run(&cli, process_start) {
         Ok(VmOutcome::GuestStopped) => EXIT_GUEST_STOPPED,
         Ok(VmOutcome::GuestTripleFault { vcpu, state }) => {
-            eprintln!(
-                "ember: the guest triple-faulted (crash or reboot=t) on vCPU {vcpu}: {state}"
-            );
+            report(&format!(
+                "the guest triple-faulted (crash or reboot=t) on vCPU {vcpu}: {state}"
+            ));
             EXIT_GUEST_STOPPED
         }
         Ok(VmOutcome::Failed { vcpu, message }) => {
-            eprintln!("ember: vCPU {vcpu}: {message}");
+            report(&format!("vCPU {vcpu}: {message}"));
             EXIT_VM_FAILED
         }
         Err(Failure::Config(message)) => {
-            eprintln!("ember: {message}");
+            report(&message);
             EXIT_BAD_CONFIG
         }
+        Err(Failure::Host(message)) => {
+            report(&message);
+            EXIT_VM_FAILED
+        }
         Err(Failure::Vmm(e)) => {
-            eprintln!("ember: {e}");
+            report(&e.to_string());
             if e.is_config_error() {
                 EXIT_BAD_CONFIG
             } else {
@@ -72,30 +85,86 @@ fn main() -> ExitCode {
     std::process::exit(i32::from(code));
 }
 
+/// Ember's last words: on stderr always, and in the log file when one is set.
+fn report(message: &str) {
+    eprintln!("ember: {message}");
+    logger::log_to_file(LogLevel::Error, "main", message);
+}
+
 enum Failure {
     Config(String),
     Vmm(VmmError),
+    /// Ember itself could not go on (exit 1).
+    Host(String),
 }
 
 fn run(cli: &Cli, process_start: Instant) -> Result<VmOutcome, Failure> {
-    if !cli.no_api {
-        return Err(Failure::Config(
-            "the API socket is not available in this version yet; run with --no-api --config-file PATH"
-                .into(),
-        ));
-    }
-    let path = cli
-        .config_file
-        .as_ref()
-        .ok_or_else(|| Failure::Config("--no-api needs --config-file PATH".into()))?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::Config(format!("cannot read config file {}: {e}", path.display())))?;
-    let config = VmConfig::from_json(&text)
-        .map_err(|e| Failure::Config(format!("config file {}: {e}", path.display())))?;
+    let config = cli.config_file.as_deref().map(read_config).transpose()?;
     let options = VmmOptions {
         process_start,
         print_boot_time: cli.boot_timer,
     };
-    let vmm = Vmm::build(&config, options, Box::new(std::io::stdout())).map_err(Failure::Vmm)?;
-    vmm.run().map_err(Failure::Vmm)
+    if cli.no_api {
+        let config =
+            config.ok_or_else(|| Failure::Config("--no-api needs --config-file PATH".into()))?;
+        let vmm =
+            Vmm::build(&config, options, Box::new(std::io::stdout())).map_err(Failure::Vmm)?;
+        return vmm.run().map_err(Failure::Vmm);
+    }
+    let socket = cli.api_sock.as_deref().ok_or_else(|| {
+        Failure::Config(
+            "give --api-sock PATH to serve the API, or --no-api --config-file PATH to boot \
+             without it"
+                .into(),
+        )
+    })?;
+    serve_api(cli, socket, config, options)
+}
+
+fn read_config(path: &Path) -> Result<VmConfig, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    let config = VmConfig::from_json(&text)
+        .and_then(|c| c.validate().map(|()| c))
+        .map_err(|e| Failure::Config(format!("config file {}: {e}", path.display())))?;
+    Ok(config)
+}
+
+/// Serves the API socket and runs the VM once started; `config` boots it at once.
+fn serve_api(
+    cli: &Cli,
+    socket: &Path,
+    config: Option<VmConfig>,
+    options: VmmOptions,
+) -> Result<VmOutcome, Failure> {
+    let listener = server::bind(socket).map_err(|e| Failure::Config(e.to_string()))?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| Failure::Vmm(VmmError::EventFd("API requests", e)))?;
+    let vmm_wake = wake
+        .try_clone()
+        .map_err(|e| Failure::Vmm(VmmError::EventFd("API requests", e)))?;
+    let launch: Launcher<Vmm> = Box::new(move |config| {
+        let mut vmm = Vmm::build(config, options, Box::new(std::io::stdout()))?;
+        let wake = vmm_wake
+            .try_clone()
+            .map_err(|e| VmmError::EventFd("API requests", e))?;
+        vmm.add_wakeup(wake);
+        vmm.start()?;
+        Ok(vmm)
+    });
+    let mut controller = Controller::new(cli.id.clone(), launch);
+    let (requests_tx, requests) = channel();
+    let counters = controller.metrics().api.clone();
+    server::spawn(listener, requests_tx, wake, counters)
+        .map_err(|e| Failure::Host(e.to_string()))?;
+    if let Some(config) = config {
+        rpc::preconfigure(&mut controller, &config).map_err(|e| match e {
+            PreconfigureError::Refused(fault) => Failure::Config(fault.0),
+            PreconfigureError::Start(e) => Failure::Vmm(e),
+        })?;
+    }
+    rpc::run(&mut controller, &requests).map_err(|e| match e {
+        RunError::Vmm(e) => Failure::Vmm(e),
+        RunError::ApiGone => Failure::Host(e.to_string()),
+    })
 }

@@ -1,18 +1,27 @@
 //! vCPUs: boot-time register set-up and the thread that runs each one, dispatching port
-//! and MMIO exits straight to the buses and reporting why it stopped.
+//! and MMIO exits straight to the buses and reporting why it stopped. A running vCPU is
+//! driven through its [`VcpuHandle`]: pause and resume requests are sent on a channel and
+//! the thread is kicked out of `KVM_RUN` with a signal whose handler sets `immediate_exit`,
+//! so a request that arrives just before the thread enters the guest is not missed.
 
-use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::kvm::KvmVm;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
+use crate::metrics::VcpuExitCounters;
 
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +48,90 @@ pub enum VcpuError {
     SetLapic(u8, kvm_ioctls::Error),
     #[error("cannot start the thread of vCPU {0}: {1}")]
     Spawn(u8, std::io::Error),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(vmm_sys_util::errno::Error),
+    #[error("cannot kick vCPU {0} out of the guest: {1}")]
+    Kick(u8, vmm_sys_util::errno::Error),
+    #[error("vCPU {0} has stopped; it cannot be paused or resumed")]
+    Gone(u8),
+    #[error("vCPU {0} did not answer a {1} request within {2:?}")]
+    NoAnswer(u8, &'static str, Duration),
+}
+
+/// What the VMM asks of a running vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    Pause,
+    Resume,
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's vCPU run structure, for the kick signal handler; null on other threads.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU thread
+        // while its VcpuFd (which owns the mapping) is alive and cleared before it drops.
+        // A signal handler on the same thread cannot race with it.
+        unsafe { (*run).immediate_exit = 1 };
+    }
+}
+
+/// Installs the kick handler once per process.
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result =
+            register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::KickHandler);
+    });
+    result
+}
+
+/// The VMM's side of a running vCPU.
+pub struct VcpuHandle {
+    index: u8,
+    events: Sender<VcpuEvent>,
+    answers: Receiver<VcpuEvent>,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Sends `event` and kicks the vCPU out of the guest so it sees it at once.
+    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Gone(self.index))?;
+        self.thread
+            .kill(kick_signal())
+            .map_err(|e| VcpuError::Kick(self.index, e))
+    }
+
+    /// Waits until the vCPU has carried out `event`.
+    pub fn wait_for(&self, event: VcpuEvent, timeout: Duration) -> Result<(), VcpuError> {
+        let name = match event {
+            VcpuEvent::Pause => "pause",
+            VcpuEvent::Resume => "resume",
+        };
+        loop {
+            match self.answers.recv_timeout(timeout) {
+                Ok(done) if done == event => return Ok(()),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::NoAnswer(self.index, name, timeout))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.index)),
+            }
+        }
+    }
 }
 
 /// Why a vCPU stopped running.
@@ -67,6 +160,7 @@ pub struct Vcpu {
     buses: Arc<Buses>,
     stopped: Sender<(u8, VcpuStop)>,
     stopped_evt: EventFd,
+    exits: Arc<VcpuExitCounters>,
 }
 
 impl Vcpu {
@@ -77,6 +171,7 @@ impl Vcpu {
         buses: Arc<Buses>,
         stopped: Sender<(u8, VcpuStop)>,
         stopped_evt: EventFd,
+        exits: Arc<VcpuExitCounters>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .fd
@@ -88,6 +183,7 @@ impl Vcpu {
             buses,
             stopped,
             stopped_evt,
+            exits,
         })
     }
 
@@ -131,23 +227,71 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the guest stops it or running fails.
-    pub fn start(mut self) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn start(mut self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
         let index = self.index;
-        std::thread::Builder::new()
+        let (events_tx, events) = channel();
+        let (answers, answers_rx) = channel();
+        let thread = std::thread::Builder::new()
             .name(format!("ember_vcpu{index}"))
             .spawn(move || {
-                let stop = self.run();
+                KVM_RUN.with(|run| run.set(self.fd.get_kvm_run()));
+                let stop = self.run(&events, &answers);
+                KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
                 // The VMM loop may already be gone when several vCPUs stop at once.
                 let _ = self.stopped.send((self.index, stop));
                 let _ = self.stopped_evt.write(1);
             })
-            .map_err(|e| VcpuError::Spawn(index, e))
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(VcpuHandle {
+            index,
+            events: events_tx,
+            answers: answers_rx,
+            thread,
+        })
     }
 
-    fn run(&mut self) -> VcpuStop {
+    fn run(&mut self, events: &Receiver<VcpuEvent>, answers: &Sender<VcpuEvent>) -> VcpuStop {
         loop {
+            // Cleared before looking at requests: a kick that lands after this point sets
+            // it again, so a request sent just now stops the next KVM_RUN at once.
+            self.fd.set_kvm_immediate_exit(0);
+            match events.try_recv() {
+                Ok(VcpuEvent::Pause) => {
+                    if let Some(stop) = self.park(events, answers) {
+                        return stop;
+                    }
+                    continue;
+                }
+                Ok(VcpuEvent::Resume) => {
+                    let _ = answers.send(VcpuEvent::Resume);
+                }
+                // Without a VMM to pause it the vCPU just runs on.
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+            }
             if let Some(stop) = self.run_once() {
                 return stop;
+            }
+        }
+    }
+
+    /// Paused: out of the guest until a resume request; `Some` if the VMM went away.
+    fn park(
+        &mut self,
+        events: &Receiver<VcpuEvent>,
+        answers: &Sender<VcpuEvent>,
+    ) -> Option<VcpuStop> {
+        let _ = answers.send(VcpuEvent::Pause);
+        loop {
+            match events.recv() {
+                Ok(VcpuEvent::Resume) => {
+                    let _ = answers.send(VcpuEvent::Resume);
+                    return None;
+                }
+                Ok(VcpuEvent::Pause) => {
+                    let _ = answers.send(VcpuEvent::Pause);
+                }
+                Err(_) => return Some(VcpuStop::Failed("the VMM stopped while paused".into())),
             }
         }
     }
@@ -168,7 +312,9 @@ impl Vcpu {
     /// One KVM_RUN and the handling of its exit; `Some` when the vCPU must stop.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let buses = &self.buses;
-        match self.fd.run() {
+        let result = self.fd.run();
+        self.exits.count(&result);
+        match result {
             Ok(VcpuExit::IoOut(port, data)) => {
                 buses.pio.write(u64::from(port), data);
                 None

@@ -105,6 +105,26 @@ impl Block {
         })
     }
 
+    /// Reopens the drive on `path` (same read-only and cache settings) and, if the guest
+    /// drives the device, raises a configuration-change interrupt so it rereads the size.
+    pub fn swap_backing_file(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
+        let spec = DriveSpec {
+            drive_id: self.drive_id.clone(),
+            path: path.to_path_buf(),
+            read_only: self.disk.read_only,
+            flush_to_disk: self.disk.flush_to_disk,
+        };
+        let (file, size) = Self::open_disk(&spec)?;
+        self.disk.file = file;
+        self.disk.capacity = size >> SECTOR_SHIFT;
+        self.config = self.disk.capacity.to_le_bytes();
+        if let Some(active) = &self.common.active {
+            // A lost interrupt only delays the guest noticing the new size.
+            let _ = active.interrupt.signal_config_change();
+        }
+        Ok(())
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.capacity

@@ -1,0 +1,174 @@
+//! The API thread: accepts connections on the API socket, reads HTTP requests
+//! ([`api::http`]), routes them to actions ([`api::requests::route`]), hands each action to
+//! the VMM thread (channel + eventfd) and writes back its answer. A thread serves each
+//! connection so that one idle keep-alive client cannot hold up the others; nothing here
+//! touches the VM.
+
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::http::{Connection, Request, Response};
+use api::requests::{route, Fault, VmmAction, VmmData};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::metrics::ApiCounters;
+
+/// Connections served at once; more are answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a connection may sit idle (or dribble a request) before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("--api-sock: {0} exists and is not a socket; remove it or choose another path")]
+    NotASocket(PathBuf),
+    #[error("--api-sock: cannot remove the stale socket {0}: {1}")]
+    RemoveStale(PathBuf, std::io::Error),
+    #[error("--api-sock: cannot listen on {0}: {1}")]
+    Bind(PathBuf, std::io::Error),
+    #[error("cannot start the API thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// An action for the VMM thread and where its answer goes.
+pub struct ApiRequest {
+    pub action: VmmAction,
+    pub reply: Sender<Result<VmmData, Fault>>,
+}
+
+/// What every connection thread shares.
+#[derive(Clone)]
+struct Shared {
+    requests: Sender<ApiRequest>,
+    wake: Arc<EventFd>,
+    counters: Arc<ApiCounters>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// Listens on `path`, replacing a stale socket left there by an earlier run.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket(path.to_path_buf()));
+        }
+        fs::remove_file(path).map_err(|e| ServerError::RemoveStale(path.to_path_buf(), e))?;
+    }
+    UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))
+}
+
+/// Serves `listener` on the API thread; requests go to `requests`, and `wake` is written
+/// after each so that the VMM's event loop looks at the channel.
+pub fn spawn(
+    listener: UnixListener,
+    requests: Sender<ApiRequest>,
+    wake: EventFd,
+    counters: Arc<ApiCounters>,
+) -> Result<(), ServerError> {
+    let shared = Shared {
+        requests,
+        wake: Arc::new(wake),
+        counters,
+        connections: Arc::new(AtomicUsize::new(0)),
+    };
+    std::thread::Builder::new()
+        .name("ember_api".into())
+        .spawn(move || accept_loop(&listener, &shared))
+        .map(|_| ())
+        .map_err(ServerError::Spawn)
+}
+
+fn accept_loop(listener: &UnixListener, shared: &Shared) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            refuse_busy(stream);
+            continue;
+        }
+        let shared_for_thread = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ember_api_conn".into())
+            .spawn(move || {
+                serve_connection(stream, &shared_for_thread);
+                shared_for_thread.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn refuse_busy(mut stream: UnixStream) {
+    let message =
+        format!("too many API connections (limit {MAX_CONNECTIONS}); close one and retry");
+    let _ = Response::fault(400, &message).write_to(&mut stream, true);
+}
+
+/// Answers requests on one connection until the client closes it or a request is bad.
+fn serve_connection(stream: UnixStream, shared: &Shared) {
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
+    let mut conn = Connection::new(stream);
+    loop {
+        let (response, close) = match conn.read_request() {
+            Ok(request) => (answer(&request, shared), request.close),
+            // The client hung up (between requests or mid-body): nobody to answer.
+            Err(e) if e.is_disconnect() => return,
+            Err(e) => {
+                shared.counters.record(false);
+                (Response::fault(400, &e.to_string()), true)
+            }
+        };
+        if response.write_to(conn.stream(), close).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Routes one request and waits for the VMM thread's answer.
+pub fn answer(request: &Request, vmm: &impl Forward) -> Response {
+    match route(&request.method, &request.path, &request.body) {
+        Ok(action) => match vmm.forward(action) {
+            Ok(data) => data.into_response(),
+            Err(fault) => Response::fault(400, &fault.0),
+        },
+        Err(e) => {
+            vmm.route_failed();
+            Response::fault(e.status, &e.message)
+        }
+    }
+}
+
+/// Hands an action to the VMM thread; a trait so routing is testable without one.
+pub trait Forward {
+    fn forward(&self, action: VmmAction) -> Result<VmmData, Fault>;
+    fn route_failed(&self);
+}
+
+impl Forward for Shared {
+    fn forward(&self, action: VmmAction) -> Result<VmmData, Fault> {
+        let (reply, answer) = channel();
+        let gone = || Fault("the VMM is shutting down".into());
+        self.requests
+            .send(ApiRequest { action, reply })
+            .map_err(|_| gone())?;
+        // The eventfd counter cannot overflow in practice; the channel holds the request.
+        let _ = self.wake.write(1);
+        answer.recv().map_err(|_| gone())?
+    }
+
+    fn route_failed(&self) {
+        self.counters.record(false);
+    }
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
