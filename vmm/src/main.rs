@@ -99,34 +99,42 @@ enum Failure {
 }
 
 fn run(cli: &Cli, process_start: Instant) -> Result<VmOutcome, Failure> {
-    let config = cli.config_file.as_deref().map(read_config).transpose()?;
     let options = VmmOptions {
         process_start,
         print_boot_time: cli.boot_timer,
     };
-    if cli.no_api {
-        let config =
-            config.ok_or_else(|| Failure::Config("--no-api needs --config-file PATH".into()))?;
-        let vmm =
-            Vmm::build(&config, options, Box::new(std::io::stdout())).map_err(Failure::Vmm)?;
-        return vmm.run().map_err(Failure::Vmm);
-    }
-    let socket = cli.api_sock.as_deref().ok_or_else(|| {
-        Failure::Config(
+    let config_file = cli.config_file.as_deref();
+    match (cli.api_sock.as_deref(), cli.no_api) {
+        (Some(socket), _) => {
+            let config = config_file.map(read_config).transpose()?;
+            serve_api(cli, socket, config, options)
+        }
+        (None, true) => {
+            let path = config_file
+                .ok_or_else(|| Failure::Config("--no-api needs --config-file PATH".into()))?;
+            let config = read_config(path)?;
+            let vmm =
+                Vmm::build(&config, options, Box::new(std::io::stdout())).map_err(Failure::Vmm)?;
+            vmm.run().map_err(Failure::Vmm)
+        }
+        (None, false) => Err(Failure::Config(
             "give --api-sock PATH to serve the API, or --no-api --config-file PATH to boot \
              without it"
                 .into(),
-        )
-    })?;
-    serve_api(cli, socket, config, options)
+        )),
+    }
 }
 
 fn read_config(path: &Path) -> Result<VmConfig, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Config(format!("cannot read config file {}: {e}", path.display())))?;
     let config = VmConfig::from_json(&text)
-        .and_then(|c| c.validate().map(|()| c))
         .map_err(|e| Failure::Config(format!("config file {}: {e}", path.display())))?;
+    // Unsupported sections are refused here, as without the API; the rest is checked
+    // section by section as the config becomes actions.
+    config
+        .validate()
+        .map_err(|e| Failure::Config(e.to_string()))?;
     Ok(config)
 }
 

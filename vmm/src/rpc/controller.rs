@@ -104,7 +104,11 @@ impl<M: Machine> Controller<M> {
         self.metrics.api.record(result.is_ok());
         match &result {
             Ok(_) => logger::log(LogLevel::Info, "api", &format!("{name}: done")),
-            Err(e) => logger::log(LogLevel::Warning, "api", &format!("{name} refused: {e}")),
+            Err(e) => {
+                let prefix = format!("{name}: ");
+                let reason = e.0.strip_prefix(&prefix).unwrap_or(&e.0);
+                logger::log(LogLevel::Warning, "api", &format!("{name} refused: {reason}"));
+            }
         }
         result
     }

@@ -1,12 +1,13 @@
 //! emberctl: drives Ember VMs from the host. The subcommands here talk to ember-init's agent
 //! in the guest, through the VM's vsock Unix socket (`--vsock`, the vsock device's
 //! `uds_path`) or, for tests, an `ember-init --agent-unix` socket (`--agent-unix`).
-//! Subcommands for the VMM's API socket will sit beside them.
+//! The subcommands for the VMM's API socket (`--api PATH`, see `api_cmd`) sit beside them.
 //!
 //! Exit status: `exec` exits with the command's status (128 + N when signal N ended it), 127
 //! when the program does not exist in the guest, 126 when it cannot be executed, and 255
 //! when emberctl itself failed. The other subcommands exit with 0 or 1.
 
+mod api_cmd;
 mod cp;
 mod exec;
 mod terminal;
@@ -25,6 +26,12 @@ use clap::{Args, Parser, Subcommand};
     about = "Drive Ember microVMs from the host"
 )]
 struct Cli {
+    /// The VMM's API socket (ember --api-sock), for the API subcommands.
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+    /// Print API answers as JSON, for scripts.
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +50,8 @@ enum Command {
     Shutdown(PingArgs),
     /// Ask the guest to reboot (on Ember without ACPI this also ends the VM).
     Reboot(PingArgs),
+    #[command(flatten)]
+    Api(api_cmd::ApiCommand),
 }
 
 /// Where the agent is.
@@ -85,13 +94,23 @@ struct WaitReadyArgs {
 }
 
 fn main() -> ExitCode {
-    let code = match Cli::parse().command {
+    let cli = Cli::parse();
+    let code = match cli.command {
         Command::Exec(args) => exec::run(&args),
         Command::Cp(args) => report(cp::run(&args)),
         Command::Ping(args) => report(ping(&args)),
         Command::WaitReady(args) => report(wait_ready(&args)),
         Command::Shutdown(args) => report(args.target.client().shutdown()),
         Command::Reboot(args) => report(args.target.client().reboot()),
+        Command::Api(command) => {
+            match &cli.api {
+                Some(socket) => api_cmd::run(socket, cli.json, command),
+                None => {
+                    eprintln!("emberctl: this subcommand talks to the API socket; give --api PATH before it");
+                    2
+                }
+            }
+        }
     };
     ExitCode::from(code)
 }
@@ -162,6 +181,29 @@ mod tests {
             args.target.client().endpoint(),
             &agent::Endpoint::Unix("b".into())
         );
+    }
+
+    #[test]
+    fn api_subcommands_parse() {
+        let cli = Cli::try_parse_from([
+            "emberctl", "--api", "a.sock", "--json", "drive", "add", "root", "/r.ext4", "--root",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Api(api_cmd::ApiCommand::Drive(_))
+        ));
+        for args in [
+            &["status"][..],
+            &["machine-config", "--vcpus", "2", "--mem", "256"],
+            &["boot-source", "--kernel", "k", "--args", "console=ttyS0"],
+            &["metrics", "flush"],
+            &["put", "/actions", r#"{"action_type":"InstanceStart"}"#],
+        ] {
+            let all = ["emberctl", "--api", "a.sock"].iter().chain(args);
+            assert!(Cli::try_parse_from(all).is_ok(), "{args:?}");
+        }
     }
 
     #[test]
