@@ -11,6 +11,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod metrics;
 pub mod rpc;
+pub mod seccomp;
 pub mod vstate;
 
 use std::io::Write;
