@@ -184,7 +184,8 @@ static JOB_COUNTER: AtomicU32 = AtomicU32::new(0);
 const JOB_STARTED: &str = "testbed-l1: running";
 /// How long a level-1 VM may take to start the job (it takes ~5 s on an idle host).
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
-/// Level-1 boots tried before the job is declared failed.
+/// Level-1 VMs tried before the job is declared failed (after a boot that never started the
+/// job, or a level-1 VM that died under it).
 const BOOT_ATTEMPTS: u32 = 2;
 
 /// How a nested job's level-1 VM ended.
@@ -302,6 +303,22 @@ impl Job {
                          (attempt {} of {BOOT_ATTEMPTS})",
                         self.dir.display(),
                         BOOT_LIMIT,
+                        attempt + 1
+                    );
+                    attempt += 1;
+                }
+                // The level-1 VM itself died (its emulated CPU reset, which only a fault of
+                // the emulation or of the level-1 kernel can cause): the job is run again,
+                // once, and the death reported.
+                Ended::NoStatus if attempt < BOOT_ATTEMPTS => {
+                    eprintln!(
+                        "testbed: the level-1 VM running {} died without finishing the job; \
+                         its console:\n{}\nretrying (attempt {} of {BOOT_ATTEMPTS})",
+                        self.dir.display(),
+                        tail(
+                            &fs::read_to_string(self.dir.join("console.log")).unwrap_or_default(),
+                            20
+                        ),
                         attempt + 1
                     );
                     attempt += 1;
