@@ -75,6 +75,9 @@ const OUTPUT_CAPACITY: usize = 16;
 const CTRL_ALT_DEL: [u8; 11] = [
     0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
 ];
+/// The same keys in scancode set 1, which the guest's driver expects while the controller
+/// translates (CB_TRANSLATE, on by default and left on by Linux).
+const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
 
 /// What the next byte written to the data port means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +116,12 @@ impl I8042 {
 
     /// Types Ctrl-Alt-Del; Linux passes it to init as SIGINT.
     pub fn ctrl_alt_del(&mut self) {
-        for code in CTRL_ALT_DEL {
+        let codes: &[u8] = if self.control & CB_TRANSLATE != 0 {
+            &CTRL_ALT_DEL_SET1
+        } else {
+            &CTRL_ALT_DEL
+        };
+        for &code in codes {
             self.push_output(code);
         }
     }
@@ -326,6 +334,11 @@ mod tests {
     #[test]
     fn ctrl_alt_del_is_typed_and_bounded() {
         let mut r = rig();
+        r.dev.ctrl_alt_del();
+        // Translated (the default): scancode set 1, releases with bit 7.
+        assert_eq!(r.read_all(), CTRL_ALT_DEL_SET1);
+        r.command(CMD_WRITE_CTR);
+        r.data(CB_KBD_INT | CB_SYSTEM_FLAG);
         r.dev.ctrl_alt_del();
         let typed = r.read_all();
         assert_eq!(&typed[..4], &[0x14, 0x11, 0xe0, 0x71]);
