@@ -107,7 +107,11 @@ impl<M: Machine> Controller<M> {
             Err(e) => {
                 let prefix = format!("{name}: ");
                 let reason = e.0.strip_prefix(&prefix).unwrap_or(&e.0);
-                logger::log(LogLevel::Warning, "api", &format!("{name} refused: {reason}"));
+                logger::log(
+                    LogLevel::Warning,
+                    "api",
+                    &format!("{name} refused: {reason}"),
+                );
             }
         }
         result
