@@ -18,12 +18,10 @@ use crate::devices::legacy::BootTimer;
 use crate::devices::virtio::block::BlockCounters;
 use crate::devices::virtio::net::NetCounters;
 use crate::devices::virtio::vsock::VsockCounters;
+use crate::seccomp::SECCOMP_FAULTS;
 
 /// How often metrics are written without a FlushMetrics request (as Firecracker does).
 pub const FLUSH_PERIOD: Duration = Duration::from_secs(60);
-
-/// Seccomp violations caught by the seccomp module's handler (it bumps this).
-pub static SECCOMP_FAULTS: AtomicU64 = AtomicU64::new(0);
 
 /// Errors opening or writing the metrics destination.
 #[derive(Debug, thiserror::Error)]
