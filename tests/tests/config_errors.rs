@@ -273,6 +273,6 @@ fn vsock_reserved_cids_are_refused() {
             &format!("{{\"vsock\":{{\"guest_cid\":{cid},\"uds_path\":\"/tmp/v.sock\"}},"),
             1,
         );
-        expect_config_error("vsock", &json, &["vsock.guest_cid"]);
+        expect_config_error(&format!("vsock-cid-{cid}"), &json, &["vsock.guest_cid"]);
     }
 }

@@ -1,17 +1,16 @@
-//! Places virtio devices on the MMIO bus: one 4 KiB window and one IOAPIC pin each, an
-//! ioeventfd per queue and an irqfd per device, and the `virtio_mmio.device=` arguments
-//! that tell the guest kernel where they are.
+//! Places virtio devices on the MMIO bus: one 4 KiB window and one IOAPIC pin each (raised
+//! with `KVM_IRQ_LINE`, see [`Trigger::Line`] for why not an irqfd), an ioeventfd per queue,
+//! and the `virtio_mmio.device=` arguments that tell the guest kernel where they are.
 
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::MMIO_GAP_START;
 use crate::devices::bus::lock;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW};
-use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::virtio::{Interrupt, Trigger, VirtioDevice};
 use crate::devices::BusError;
 use crate::vstate::kvm::KvmVm;
 use crate::vstate::vcpu::Buses;
@@ -28,10 +27,8 @@ const QUEUE_NOTIFY: u64 = 0x50;
 pub enum DeviceError {
     #[error("no interrupt line left for {0}; at most {max} virtio devices fit", max = IRQ_END - FIRST_VIRTIO_IRQ)]
     NoIrq(String),
-    #[error("cannot create the interrupt of {0}: {1}")]
-    EventFd(String, std::io::Error),
-    #[error("cannot connect {0} to guest IRQ {1}: {2}")]
-    Irqfd(String, u32, kvm_ioctls::Error),
+    #[error("cannot give {0} a handle on the VM for its interrupt: {1}")]
+    VmHandle(String, std::io::Error),
     #[error("cannot register queue {1} of {0} for notifications: {2}")]
     Ioeventfd(String, usize, kvm_ioctls::Error),
     #[error("cannot place {0} on the MMIO bus: {1}")]
@@ -64,18 +61,23 @@ impl MmioDeviceManager {
             return Err(DeviceError::NoIrq(name.into()));
         }
         let base = MMIO_GAP_START + u64::from(self.attached) * MMIO_WINDOW;
-        let irqfd =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(name.into(), e))?;
-        vm.fd
-            .register_irqfd(&irqfd, irq)
-            .map_err(|e| DeviceError::Irqfd(name.into(), irq, e))?;
+        let trigger = Trigger::Line {
+            vm: vm
+                .duplicate_fd()
+                .map_err(|e| DeviceError::VmHandle(name.into(), e))?,
+            gsi: irq,
+        };
         for (index, evt) in lock(&device).queue_events().iter().enumerate() {
             let address = IoEventAddress::Mmio(base + QUEUE_NOTIFY);
             vm.fd
                 .register_ioevent(evt, &address, index as u32)
                 .map_err(|e| DeviceError::Ioeventfd(name.into(), index, e))?;
         }
-        let transport = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)));
+        let transport = MmioTransport::new(
+            device,
+            mem.clone(),
+            Arc::new(Interrupt::with_trigger(trigger)),
+        );
         buses
             .mmio
             .insert(base, MMIO_WINDOW, Arc::new(Mutex::new(transport)))

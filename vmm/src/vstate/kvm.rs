@@ -59,6 +59,22 @@ pub struct KvmVm {
     pub emulated: EmulatedFeatures,
 }
 
+impl KvmVm {
+    /// A second handle on the VM (a duplicated fd), for code that raises interrupt lines
+    /// from another thread.
+    pub fn duplicate_fd(&self) -> std::io::Result<VmFd> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_DUPFD_CLOEXEC on the VM fd this struct owns; the result is a new fd.
+        let fd = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh duplicate of a KVM VM fd, owned by the returned VmFd.
+        unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
 /// Opens KVM and checks its API version and capabilities.
 pub fn open_kvm(vcpus: u8) -> Result<Kvm, KvmError> {
     let kvm = Kvm::new().map_err(KvmError::Open)?;
