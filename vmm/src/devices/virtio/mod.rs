@@ -20,7 +20,7 @@ use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit of virtio 1.x ("modern") devices; Ember offers no legacy interface.
@@ -40,6 +40,9 @@ pub mod status {
     pub const DEVICE_NEEDS_RESET: u32 = 64;
     pub const FAILED: u32 = 128;
 }
+
+/// The driver's "no interrupts, please" bit in the avail ring's flags (virtio spec 2.7.7).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Interrupt status bits (virtio spec 4.2.2).
 pub const INT_USED_RING: u32 = 1;
@@ -203,10 +206,33 @@ impl VirtioCommon {
         true
     }
 
-    /// Raises the used-buffer interrupt of a started device.
-    pub fn signal_used_queue(&self) {
-        if let Some(active) = &self.active {
-            // A failed irqfd write only delays the guest until its next look at the ring.
+    /// Raises the used-buffer interrupt of a started device when used buffers were added to
+    /// a queue (`(index, used)` pairs), unless the driver suppressed interrupts on each of them
+    /// (`VRING_AVAIL_F_NO_INTERRUPT`, which virtio-queue does not check without EVENT_IDX).
+    /// Linux sets it while it polls a queue (NAPI, block completion batching); honouring it
+    /// spares the guest interrupts it would only acknowledge, which under load is most of them.
+    pub fn signal_used(&self, queues: &[(usize, bool)]) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        if !queues.iter().any(|(_, used)| *used) {
+            return;
+        }
+        // Our used-ring writes must be visible before the driver's flag is read: the driver
+        // clears the flag and then re-checks the used ring, so one of the two sides sees the
+        // other's update.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let wanted = queues.iter().filter(|(_, used)| *used).any(|&(i, _)| {
+            self.queues.get(i).is_some_and(|q| {
+                let flags = active
+                    .mem
+                    .read_obj::<u16>(vm_memory::GuestAddress(q.avail_ring()));
+                // An unreadable ring gets the interrupt: the guest sorts it out.
+                flags.map_or(true, |f| f & VRING_AVAIL_F_NO_INTERRUPT == 0)
+            })
+        });
+        if wanted {
+            // A failed injection only delays the guest until its next look at the ring.
             let _ = active.interrupt.signal_used_queue();
         }
     }
@@ -310,5 +336,33 @@ mod tests {
         assert_eq!(irq.read().unwrap(), 2);
         interrupt.acknowledge(INT_USED_RING);
         assert_eq!(interrupt.status(), INT_CONFIG_CHANGE);
+    }
+
+    #[test]
+    fn used_interrupt_honours_the_drivers_no_interrupt_flag() {
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+        let mem =
+            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let vq = MockSplitQueue::new(mem.as_ref(), 16);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut common = VirtioCommon::new(0, 1, 16).unwrap();
+        common.queues[0] = vq.create_queue().unwrap();
+        common.active = Some(Active {
+            mem: mem.clone(),
+            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+        });
+        let flags = GuestAddress(common.queues[0].avail_ring());
+
+        common.signal_used(&[(0, false)]);
+        assert!(irq.read().is_err(), "nothing used, no interrupt");
+        common.signal_used(&[(0, true)]);
+        assert_eq!(irq.read().unwrap(), 1, "interrupts wanted");
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, flags).unwrap();
+        common.signal_used(&[(0, true)]);
+        assert!(irq.read().is_err(), "the driver asked for none");
+        mem.write_obj(0u16, flags).unwrap();
+        common.signal_used(&[(0, true)]);
+        assert_eq!(irq.read().unwrap(), 1);
     }
 }

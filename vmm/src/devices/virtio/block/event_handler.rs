@@ -24,8 +24,7 @@ impl MutEventSubscriber for Block {
 
 impl Block {
     fn kick(&mut self) {
-        if self.process_queue() {
-            self.common.signal_used_queue();
-        }
+        let used = self.process_queue();
+        self.common.signal_used(&[(0, used)]);
     }
 }

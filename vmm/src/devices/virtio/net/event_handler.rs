@@ -38,15 +38,8 @@ impl<B: FrameBackend> MutEventSubscriber for Net<B> {
 
 impl<B: FrameBackend> Net<B> {
     fn run(&mut self, rx: bool, tx: bool) {
-        let mut notify = false;
-        if tx {
-            notify |= self.process_tx();
-        }
-        if rx {
-            notify |= self.process_rx();
-        }
-        if notify {
-            self.common.signal_used_queue();
-        }
+        let tx_used = tx && self.process_tx();
+        let rx_used = rx && self.process_rx();
+        self.common.signal_used(&[(RX, rx_used), (TX, tx_used)]);
     }
 }

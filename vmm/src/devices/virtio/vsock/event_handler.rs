@@ -53,12 +53,12 @@ impl MutEventSubscriber for Vsock {
         }
         let fd = events.fd();
         let now = Instant::now();
-        let mut notify = false;
+        let mut tx_used = false;
         if self.common.handle_activation(&events, watcher.0) {
-            notify |= self.process_tx(&mut watcher);
+            tx_used = self.process_tx(&mut watcher);
         } else if fd == self.common.queue_events[TX].as_raw_fd() {
             let _ = self.common.queue_events[TX].read();
-            notify |= self.process_tx(&mut watcher);
+            tx_used = self.process_tx(&mut watcher);
         } else if fd == self.common.queue_events[RX].as_raw_fd() {
             // New receive buffers: filled below.
             let _ = self.common.queue_events[RX].read();
@@ -79,10 +79,8 @@ impl MutEventSubscriber for Vsock {
             self.muxer
                 .host_event(events.data(), readable, writable, &mut watcher, now);
         }
-        notify |= self.process_rx(&mut watcher);
-        if notify {
-            self.common.signal_used_queue();
-        }
+        let rx_used = self.process_rx(&mut watcher);
+        self.common.signal_used(&[(RX, rx_used), (TX, tx_used)]);
         self.sync_timer();
     }
 }
