@@ -14,7 +14,7 @@ use serde::Serialize;
 use testbed::{Artifacts, GuestSpec};
 
 use crate::boot::{self, Vmm};
-use crate::stats::{percentile, Summary};
+use crate::stats::{percentile, sorted, Summary};
 
 /// What one Ember boot measured.
 struct EmberSample {
@@ -211,12 +211,6 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
-}
-
-fn sorted(v: &[f64]) -> Vec<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s
 }
 
 /// Incompressible bytes (xorshift), so no layer can shortcut the transfer.

@@ -15,8 +15,7 @@ pub struct Summary {
 impl Summary {
     /// Summarises `samples`; None when there are none.
     pub fn of(samples: &[f64]) -> Option<Self> {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(f64::total_cmp);
+        let sorted = sorted(samples);
         Some(Self {
             samples: samples.to_vec(),
             median: median(&sorted)?,
@@ -25,6 +24,13 @@ impl Summary {
             max: *sorted.last()?,
         })
     }
+}
+
+/// The samples in ascending order, for [`median`] and [`percentile`].
+pub fn sorted(samples: &[f64]) -> Vec<f64> {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
 }
 
 /// Median of sorted values (mean of the middle two for an even count).
