@@ -63,6 +63,24 @@ impl Ember {
         ember
     }
 
+    /// (thread name, `Seccomp:` mode from /proc) for each of Ember's threads.
+    fn seccomp_modes(&self) -> Vec<(String, String)> {
+        let pid = self.child.as_ref().unwrap().id();
+        let mut modes = Vec::new();
+        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let status = fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            modes.push((field("Name:"), field("Seccomp:")));
+        }
+        modes
+    }
+
     fn try_get(&self, path: &str) -> Option<ApiResponse> {
         ApiClient::new(&self.sock).request("GET", path, None).ok()
     }
@@ -253,6 +271,16 @@ fn api_configures_boots_pauses_and_ends_a_vm() {
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.logs()));
     let agent = AgentClient::vsock(&uds).with_timeout(Duration::from_secs(300));
 
+    // Every thread runs under its seccomp filter (mode 2) once the VM runs.
+    let modes = vm.seccomp_modes();
+    for name in ["ember", "ember_vcpu0", "ember_api"] {
+        assert!(
+            modes.iter().any(|(n, _)| n == name),
+            "no thread {name}: {modes:?}"
+        );
+    }
+    assert!(modes.iter().all(|(_, m)| m == "2"), "{modes:?}");
+
     pause_stops_the_guest(&vm, &agent);
     drive_swap_reaches_the_guest(&vm, &agent, &dir);
     metrics_and_logs_are_written(&vm, &dir);
@@ -408,9 +436,19 @@ fn config_file_boots_at_once_and_the_api_serves_it() {
     let ready = std::thread::spawn(move || api::agent::wait_ready(&uds, Duration::from_secs(900)));
     let mut vm = Ember::spawn(
         &dir,
-        &["--config-file", dir.join("vm.json").to_str().unwrap()],
+        &[
+            "--config-file",
+            dir.join("vm.json").to_str().unwrap(),
+            "--no-seccomp",
+        ],
     );
     assert_eq!(vm.state(), "Running");
+    let modes = vm.seccomp_modes();
+    assert!(modes.len() >= 3, "{modes:?}");
+    assert!(
+        modes.iter().all(|(_, m)| m == "0"),
+        "--no-seccomp: {modes:?}"
+    );
     let config: Value = serde_json::from_str(&vm.curl(&["http://localhost/vm/config"])).unwrap();
     assert_eq!(config["drives"][0]["drive_id"], "rootfs");
     ready

@@ -86,6 +86,8 @@ pub enum VmmError {
     NotStarted,
     #[error("the VM is already running")]
     AlreadyStarted,
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("boot-source.boot_args: with the device arguments the kernel command line is {0} bytes; the limit is {max}", max = MAX_BOOT_ARGS_LEN - 1)]
     CmdlineTooLong(usize),
 }
@@ -272,11 +274,14 @@ impl Vmm {
         }
     }
 
-    /// Starts the vCPU threads.
+    /// Starts the vCPU threads (each installs its seccomp filter before it enters the
+    /// guest), then installs the VMM filter on the calling thread, which from here on
+    /// serves the devices: guest-driven work only ever runs filtered.
     pub fn start(&mut self) -> Result<(), VmmError> {
         for vcpu in std::mem::take(&mut self.vcpus) {
             self.handles.push(vcpu.start()?);
         }
+        seccomp::install(seccomp::ThreadKind::Vmm)?;
         Ok(())
     }
 

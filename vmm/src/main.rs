@@ -6,7 +6,8 @@
 //!
 //! Exit codes: 0 the guest stopped itself (power-off, reboot); 1 the VM failed while being
 //! built or run; 2 the command line or configuration is wrong (the message names the flag,
-//! field or file).
+//! field or file); 148 a thread made a system call its seccomp filter forbids (the line on
+//! stderr names the thread and the call; see [`vmm::seccomp`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use api::models::VmConfig;
 use api::requests::LogLevel;
 use clap::Parser;
 use vmm::rpc::{self, logger, server, Controller, Launcher, PreconfigureError, RunError};
-use vmm::{VmOutcome, Vmm, VmmError, VmmOptions};
+use vmm::{seccomp, VmOutcome, Vmm, VmmError, VmmOptions};
 use vmm_sys_util::eventfd::EventFd;
 
 const EXIT_GUEST_STOPPED: u8 = 0;
@@ -47,6 +48,10 @@ struct Cli {
     /// Name of this microVM instance.
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
+    /// Run without the per-thread seccomp filters (for debugging a filter that is too
+    /// strict; never in production).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +104,10 @@ enum Failure {
 }
 
 fn run(cli: &Cli, process_start: Instant) -> Result<VmOutcome, Failure> {
+    seccomp::set_enabled(!cli.no_seccomp);
+    if !cli.no_seccomp {
+        seccomp::install_sigsys_handler().map_err(|e| Failure::Host(e.to_string()))?;
+    }
     let options = VmmOptions {
         process_start,
         print_boot_time: cli.boot_timer,

@@ -35,6 +35,8 @@ pub enum ServerError {
     Bind(PathBuf, std::io::Error),
     #[error("cannot start the API thread: {0}")]
     Spawn(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// An action for the VMM thread and where its answer goes.
@@ -77,11 +79,25 @@ pub fn spawn(
         counters,
         connections: Arc::new(AtomicUsize::new(0)),
     };
+    // The thread installs its filter before it accepts a client and says how that went.
+    let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("ember_api".into())
-        .spawn(move || accept_loop(&listener, &shared))
-        .map(|_| ())
-        .map_err(ServerError::Spawn)
+        .spawn(move || {
+            let installed = crate::seccomp::install(crate::seccomp::ThreadKind::Api);
+            let ok = installed.is_ok();
+            let _ = filtered_tx.send(installed);
+            if ok {
+                accept_loop(&listener, &shared);
+            }
+        })
+        .map_err(ServerError::Spawn)?;
+    match filtered.recv() {
+        Ok(installed) => installed.map_err(ServerError::from),
+        Err(_) => Err(ServerError::Spawn(std::io::Error::other(
+            "the API thread ended before it started serving",
+        ))),
+    }
 }
 
 fn accept_loop(listener: &UnixListener, shared: &Shared) {

@@ -16,7 +16,7 @@
 
 use std::os::raw::c_uint;
 
-use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 use super::ThreadKind;
 
@@ -43,6 +43,14 @@ pub(super) type Allowed = (i64, Args);
 const KVMIO: c_uint = 0xAE;
 /// `_IO(KVMIO, 0x80)`: enter the guest.
 pub(super) const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0);
+/// `_IOW(KVMIO, 0x61, struct kvm_irq_level)`: raise or lower an IOAPIC pin (virtio
+/// interrupts, see `devices::virtio::Trigger::Line`).
+pub(super) const KVM_IRQ_LINE: u64 = ioctl_expr(
+    _IOC_WRITE,
+    KVMIO,
+    0x61,
+    std::mem::size_of::<kvm_bindings::kvm_irq_level>() as c_uint,
+);
 /// `_IOR(KVMIO, 0x81, struct kvm_regs)`.
 const KVM_GET_REGS: u64 = ioctl_expr(
     _IOC_READ,
@@ -120,10 +128,11 @@ const COMMON: &[Allowed] = &[
 /// serial console, i8042, boot timer and virtio-mmio transports, which write stdout and
 /// eventfds). No reads, no opens, no sockets.
 const VCPU: &[Allowed] = &[
-    // KVM_RUN; the registers of a guest that triple-faulted, for the report.
+    // KVM_RUN; the registers of a guest that triple-faulted, for the report; a virtio
+    // transport whose activation failed raises its interrupt (KVM_IRQ_LINE).
     (
         libc::SYS_ioctl,
-        Args::OneOf(1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS]),
+        Args::OneOf(1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE]),
     ),
     (libc::SYS_tgkill, ABORT_ONLY),
 ];
@@ -151,8 +160,11 @@ const VMM: &[Allowed] = &[
     (libc::SYS_connect, Args::Any),
     // vsock half-close when the guest stops sending.
     (libc::SYS_shutdown, Args::Any),
-    // std's set_nonblocking on accepted vsock streams.
-    (libc::SYS_ioctl, Args::OneOf(1, &[libc::FIONBIO])),
+    // std's set_nonblocking on accepted vsock streams; virtio interrupts (KVM_IRQ_LINE).
+    (
+        libc::SYS_ioctl,
+        Args::OneOf(1, &[libc::FIONBIO, KVM_IRQ_LINE]),
+    ),
     // The vsock timeout tick, armed and disarmed.
     (libc::SYS_timerfd_settime, Args::Any),
     // Pause and resume kick the vCPUs; abort() after a panic.

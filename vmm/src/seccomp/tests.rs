@@ -90,6 +90,8 @@ fn dangerous_calls_are_on_no_list() {
 #[test]
 fn the_kvm_run_request_number_is_the_kernels() {
     assert_eq!(filters::KVM_RUN, 0xae80);
+    // _IOW(KVMIO, 0x61, struct kvm_irq_level), 8 bytes.
+    assert_eq!(filters::KVM_IRQ_LINE, 0x4008_ae61);
 }
 
 /// Runs this test binary as a child acting out `scenario`: (exit code, stdout, stderr).

@@ -235,8 +235,14 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("ember_vcpu{index}"))
             .spawn(move || {
-                KVM_RUN.with(|run| run.set(self.fd.get_kvm_run()));
-                let stop = self.run(&events, &answers);
+                // Before the first KVM_RUN: from then on the guest drives this thread.
+                let stop = match crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    Ok(()) => {
+                        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run()));
+                        self.run(&events, &answers)
+                    }
+                    Err(e) => VcpuStop::Failed(e.to_string()),
+                };
                 KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
                 // The VMM loop may already be gone when several vCPUs stop at once.
                 let _ = self.stopped.send((self.index, stop));
