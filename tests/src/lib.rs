@@ -8,8 +8,9 @@
 //! ratios against a peer measured in the same job mean anything.
 //!
 //! `EMBER_TESTBED=direct|nested` overrides the detection; `EMBER_TESTBED_KERNEL_ARGS` adds
-//! arguments to the level-1 kernel's command line (`loglevel=7` to see its full warnings). Nested runs are serialised by a
-//! lock: one level-1 VM already uses both cores of a small machine.
+//! arguments to the level-1 kernel's command line (`loglevel=7` to see its boot messages too).
+//! Nested runs are serialised by a lock: one level-1 VM already uses both cores of a small
+//! machine.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -310,15 +311,21 @@ impl Job {
                 // The level-1 VM itself died (its emulated CPU reset, which only a fault of
                 // the emulation or of the level-1 kernel can cause): the job is run again,
                 // once, and the death reported.
+                // A soft lockup (a level-1 CPU stuck in its kernel) panics the level-1 VM
+                // (tests/testbed/init.sh) and ends here too.
                 Ended::NoStatus if attempt < BOOT_ATTEMPTS => {
+                    let console =
+                        fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+                    let how = if console.contains("soft lockup") {
+                        "locked up (a CPU stuck in the level-1 kernel: soft lockup) and panicked"
+                    } else {
+                        "died"
+                    };
                     eprintln!(
-                        "testbed: the level-1 VM running {} died without finishing the job; \
+                        "testbed: the level-1 VM running {} {how} without finishing the job; \
                          its console:\n{}\nretrying (attempt {} of {BOOT_ATTEMPTS})",
                         self.dir.display(),
-                        tail(
-                            &fs::read_to_string(self.dir.join("console.log")).unwrap_or_default(),
-                            20
-                        ),
+                        tail(&console, 60),
                         attempt + 1
                     );
                     attempt += 1;
