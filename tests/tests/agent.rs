@@ -291,7 +291,7 @@ fn exec_streams_stdin_signals_and_concurrency() {
 
 #[test]
 fn files_move_both_ways_intact() {
-    let Some(dir) = testbed::vm_test("files_move_both_ways_intact", Duration::from_secs(1500))
+    let Some(dir) = testbed::vm_test("files_move_both_ways_intact", Duration::from_secs(600))
     else {
         return;
     };
@@ -348,6 +348,22 @@ fn files_move_both_ways_intact() {
     assert_eq!(client.stat("/tmp/a/b/c/f.txt").unwrap().size, 2);
     client.remove("/tmp/a", true).unwrap();
     assert!(client.stat("/tmp/a").is_err(), "removed");
+
+    // A full filesystem: the agent's own error comes back (not a broken connection), no
+    // partial file is left, and the agent goes on serving.
+    vm.sh("mkdir -p /mnt/small && mount -t tmpfs -o size=1m small /mnt/small");
+    let err = client
+        .write_file(
+            "/mnt/small/too-big.bin",
+            &vec![7u8; 8 << 20][..],
+            Default::default(),
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(vm.sh("ls -A /mnt/small"), "");
+    assert_eq!(vm.sh("echo still here"), "still here\n");
 
     // emberctl cp, both ways.
     let small = dir.join("small.txt");
