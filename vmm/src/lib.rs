@@ -12,6 +12,7 @@ pub mod devices;
 pub mod metrics;
 pub mod rpc;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vstate;
 
 use std::io::Write;

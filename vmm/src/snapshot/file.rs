@@ -1,0 +1,217 @@
+//! Snapshot files on disk: writing a file so that it never half-exists at its path, loading a
+//! state file with every check before its state is used, and checking a memory file against
+//! the size its state file records.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::format::{check_header, decode, encode, Header, HEADER_LEN};
+use super::SnapshotError;
+
+/// A state file that passed every check, with its decoded state.
+#[derive(Debug)]
+pub struct LoadedState<T> {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its header: format version, memory file size, payload length.
+    pub header: Header,
+    /// The decoded state.
+    pub state: T,
+}
+
+impl<T> LoadedState<T> {
+    /// The size the memory file saved with this state must have.
+    pub fn mem_file_size(&self) -> u64 {
+        self.header.mem_file_size
+    }
+
+    /// Opens the memory file at `mem_path` read-only after checking that it has the size this
+    /// state records; see [`check_memory_file`].
+    pub fn open_memory_file(&self, mem_path: &Path) -> Result<File, SnapshotError> {
+        check_memory_file(mem_path, self.header.mem_file_size, &self.path)
+    }
+}
+
+/// Writes `state` as a state file at `path` recording `mem_file_size`, atomically: see
+/// [`write_file_atomically`].
+pub fn save_state<T: Serialize + ?Sized>(
+    path: &Path,
+    state: &T,
+    mem_file_size: u64,
+) -> Result<(), SnapshotError> {
+    let bytes = encode(state, mem_file_size)?;
+    write_file_atomically(path, |file| io::Write::write_all(file, &bytes))
+}
+
+/// Reads and checks the state file at `path` and decodes its state. Everything is checked
+/// (see the module docs) before the state is returned; at most the payload limit plus the
+/// envelope is ever read or allocated, whatever the file says.
+pub fn load_state<T: DeserializeOwned>(path: &Path) -> Result<LoadedState<T>, SnapshotError> {
+    let read_err = |e| SnapshotError::ReadState(path.to_path_buf(), e);
+    let file = open_nonblocking(path).map_err(|e| SnapshotError::OpenState(path.into(), e))?;
+    let metadata = file.metadata().map_err(read_err)?;
+    if !metadata.is_file() {
+        return Err(SnapshotError::StateNotAFile(path.to_path_buf()));
+    }
+    let mut bytes = Vec::with_capacity(HEADER_LEN as usize);
+    (&file)
+        .take(HEADER_LEN)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    let header = check_header(&bytes, metadata.len(), path)?;
+    // check_header bounded this by the payload limit and by the file's real length.
+    let rest = header.file_len() - HEADER_LEN;
+    bytes.reserve_exact(rest as usize);
+    // One byte more than announced, so that a file that grew since it was measured is seen.
+    (&file)
+        .take(rest + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    let (header, state) = decode(&bytes, path)?;
+    Ok(LoadedState {
+        path: path.to_path_buf(),
+        header,
+        state,
+    })
+}
+
+/// Opens the memory file at `mem_path` read-only and checks that it is a regular file of
+/// `expected_size` bytes, as recorded by the state file at `state_path` (named in the error).
+/// The returned file is what the caller should map, so that the file checked is the file used.
+/// It is opened with `O_NONBLOCK` so that a FIFO at that path cannot hang the caller; the flag
+/// does nothing on a regular file.
+pub fn check_memory_file(
+    mem_path: &Path,
+    expected_size: u64,
+    state_path: &Path,
+) -> Result<File, SnapshotError> {
+    let open_err = |e| SnapshotError::OpenMemory(mem_path.to_path_buf(), e);
+    let file = open_nonblocking(mem_path).map_err(open_err)?;
+    let metadata = file.metadata().map_err(open_err)?;
+    if !metadata.is_file() {
+        return Err(SnapshotError::MemoryNotAFile(mem_path.to_path_buf()));
+    }
+    if metadata.len() != expected_size {
+        return Err(SnapshotError::MemorySizeMismatch {
+            mem_path: mem_path.to_path_buf(),
+            state_path: state_path.to_path_buf(),
+            expected: expected_size,
+            actual: metadata.len(),
+        });
+    }
+    Ok(file)
+}
+
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Creates the file at `target` with the contents `write` puts into it, so that it never
+/// half-exists: `write` fills a temporary file in the same directory, which is fsynced and
+/// renamed over `target`, then the directory is fsynced. If `write` or anything before the
+/// rename fails (a full disk included), the temporary file is removed and whatever was at
+/// `target` before is left as it was.
+pub fn write_file_atomically<F>(target: &Path, write: F) -> Result<(), SnapshotError>
+where
+    F: FnOnce(&mut File) -> io::Result<()>,
+{
+    let dir = parent_dir(target);
+    let mut temp = TempFile::create(&dir, target)?;
+    write(&mut temp.file).map_err(|source| SnapshotError::Write {
+        target: target.to_path_buf(),
+        source,
+    })?;
+    temp.file.sync_all().map_err(|source| SnapshotError::Sync {
+        target: target.to_path_buf(),
+        source,
+    })?;
+    fs::rename(&temp.path, target).map_err(|source| SnapshotError::Rename {
+        target: target.to_path_buf(),
+        source,
+    })?;
+    temp.renamed = true;
+    // The rename is durable only once the directory entry is on disk.
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SnapshotError::SyncDirectory {
+            target: target.to_path_buf(),
+            dir,
+            source,
+        })
+}
+
+/// The directory that holds `path` ("." for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A temporary file next to a target, removed when dropped unless it was renamed.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    renamed: bool,
+}
+
+impl TempFile {
+    /// Creates `.<name>.<pid>.<n>.tmp` in `dir` with `O_EXCL`, mode 0600 (a snapshot is the
+    /// guest's private data). `n` counts up per process, so concurrent writers within one
+    /// process never collide; a name left by a crashed process is skipped.
+    fn create(dir: &Path, target: &Path) -> Result<Self, SnapshotError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let create_err = |source| SnapshotError::CreateTemp {
+            dir: dir.to_path_buf(),
+            target: target.to_path_buf(),
+            source,
+        };
+        let Some(name) = target.file_name() else {
+            let why = "the path does not end in a file name";
+            return Err(create_err(io::Error::new(io::ErrorKind::InvalidInput, why)));
+        };
+        let mut last_error = io::Error::from(io::ErrorKind::AlreadyExists);
+        for _ in 0..64 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let mut temp_name = std::ffi::OsString::from(".");
+            temp_name.push(name);
+            temp_name.push(format!(".{}.{n}.tmp", std::process::id()));
+            let path = dir.join(temp_name);
+            let opened = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path);
+            match opened {
+                Ok(file) => {
+                    return Ok(TempFile {
+                        path,
+                        file,
+                        renamed: false,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = e,
+                Err(e) => return Err(create_err(e)),
+            }
+        }
+        Err(create_err(last_error))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            // Best effort: failing to remove a temporary file must not hide the real error.
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
