@@ -1,7 +1,7 @@
 //! Per-thread seccomp filters. Each thread kind (VMM, vCPU, API) installs its own filter
 //! before it handles any input from the guest or from a client, so that a bug exploited
 //! through that input can reach only the system calls that thread needs. The lists live in
-//! [`filters`] as commented Rust tables; seccompiler compiles them to BPF.
+//! `filters.rs` as commented Rust tables; seccompiler compiles them to BPF.
 //!
 //! A call outside a thread's list traps: the SIGSYS handler (installed once at startup with
 //! [`install_sigsys_handler`]) prints `ember: seccomp: the <kind> thread made the forbidden
