@@ -6,8 +6,10 @@
 //! `ember-bench boot [--runs N] [--vcpus N] [--mem MIB] [--rootfs] [--json PATH] [--no-peer]`
 //! `ember-bench devices [--runs N] [--seconds S] [--net-mib M] [--json PATH]`
 //! `ember-bench agent [--runs N] [--execs N] [--mib M] [--json PATH] [--no-peer]`
+//! `ember-bench api [--runs N] [--requests N] [--json PATH] [--no-peer]`
 
 mod agent;
+mod api;
 mod boot;
 mod devices;
 mod stats;
@@ -46,6 +48,23 @@ enum Bench {
     /// Process start to agent ready over vsock (QEMU microvm: to the serial ready line),
     /// exec round trip, and upload/download throughput through the agent.
     Agent(AgentArgs),
+    /// Control socket: process start to the first answer, request latency and rate on one
+    /// connection, and VMM memory next to a booted 1 vCPU / 128 MiB guest; Ember's API
+    /// socket (`GET /`) vs QEMU microvm's QMP (`query-status`).
+    Api(ApiArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ApiArgs {
+    /// Rounds per VMM; each starts one process for the socket figures and boots one guest.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Timed round trips on one connection per round.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Measure Ember alone.
+    #[arg(long)]
+    no_peer: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -121,6 +140,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         Bench::Boot(args) => boot_bench(args, &art, &work)?,
         Bench::Devices(args) => devices_bench(args, &art, &work)?,
         Bench::Agent(args) => agent_bench(args, &art, &work)?,
+        Bench::Api(args) => api_bench(args, &art, &work)?,
     };
     if let Some(path) = &cli.json {
         ensure_parent_dir(path)?;
@@ -301,6 +321,69 @@ fn agent_bench(
     }))
 }
 
+fn api_bench(args: &ApiArgs, art: &Artifacts, work: &Path) -> Result<serde_json::Value, String> {
+    if args.runs == 0 || args.requests == 0 {
+        return Err("--runs and --requests must be at least 1".into());
+    }
+    let results = api::compare(args.runs, args.requests, art, work, !args.no_peer)?;
+    let guest = api::bench_guest(art);
+    println!(
+        "api: control socket ({} runs, {} requests on one connection; memory with a booted \
+         {} vCPU, {} MiB guest; {})",
+        args.runs,
+        args.requests,
+        guest.vcpus,
+        guest.mem_mib,
+        environment()
+    );
+    for r in &results {
+        println!("{}: requests are {}", r.vmm, r.request);
+    }
+    println!(
+        "{:<24} {:>13} {:>13} {:>13} {:>13} {:>11}",
+        "metric", "ember median", "ember p90", "qemu median", "qemu p90", "ember/qemu"
+    );
+    let mut ratios = serde_json::Map::new();
+    let (ember, peer) = match results.as_slice() {
+        [ember, peer, ..] => (ember, Some(peer)),
+        [ember] => (ember, None),
+        [] => return Err("no results".into()),
+    };
+    for (name, e) in &ember.metrics {
+        let q = peer.and_then(|p| p.metrics.get(name));
+        let (q_median, q_p90, ratio) = match q {
+            Some(q) => {
+                let ratio = e.median / q.median;
+                ratios.insert(name.clone(), json!(ratio));
+                (
+                    format!("{:.1}", q.median),
+                    format!("{:.1}", q.p90),
+                    format!("{ratio:.2}x"),
+                )
+            }
+            None => (String::new(), String::new(), String::new()),
+        };
+        println!(
+            "{name:<24} {:>13.1} {:>13.1} {q_median:>13} {q_p90:>13} {ratio:>11}",
+            e.median, e.p90
+        );
+    }
+    println!("ember/qemu below 1 means Ember needs less, except requests_per_s (above 1: faster)");
+    Ok(json!({
+        "benchmark": "api",
+        "metric": "ms from process start to the first answer on the control socket; us per \
+                   request and requests/s on one connection; MiB resident (overhead = RSS \
+                   minus guest memory touched) with a booted guest",
+        "environment": environment(),
+        "runs": args.runs,
+        "requests": args.requests,
+        "guest": {"vcpus": guest.vcpus, "mem_mib": guest.mem_mib, "root": "initramfs",
+                  "kernel": guest.kernel, "boot_args": guest.boot_args},
+        "results": results,
+        "ember_over_peer": ratios,
+    }))
+}
+
 /// Runs this same command inside the nested test bed and relays its output.
 fn rerun_nested(cli: &Cli) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -333,6 +416,13 @@ fn rerun_nested(cli: &Cli) -> Result<(), String> {
                 c += " --no-peer";
             }
             (c, "bench-agent", 3072, 5 + 4 * a.runs as u64)
+        }
+        Bench::Api(a) => {
+            let mut c = format!("api --runs {} --requests {}", a.runs, a.requests);
+            if a.no_peer {
+                c += " --no-peer";
+            }
+            (c, "bench-api", 2048, 5 + 3 * a.runs as u64)
         }
     };
     let script = format!(

@@ -1,0 +1,642 @@
+//! The control plane: how soon after process start the VMM answers on its control socket,
+//! how fast it answers a trivial request on one connection, and how much memory the VMM
+//! itself costs next to a booted guest. Ember's API socket against QEMU's QMP socket.
+//!
+//! - Ready: spawn to the first answer. Ember runs as `ember --api-sock PATH` (no VM
+//!   configured yet, which is how an API-driven Ember starts) and is ready at the first
+//!   `200` to `GET /`. QEMU runs as it would be started to run the same guest, the same
+//!   `-M microvm` machine as [`crate::boot`], paused before the guest runs (`-S`) with
+//!   `-qmp unix:PATH,server=on,wait=off`; it is ready once its QMP greeting arrived and
+//!   `qmp_capabilities` was answered. QEMU has built its machine (guest memory, kernel and
+//!   initramfs loaded) by then, because its configuration is its command line; Ember builds
+//!   nothing before `InstanceStart`. Both are polled every millisecond until they answer.
+//! - Latency: after [`WARMUP`] untimed requests, `--requests` sequential round trips on one
+//!   kept-alive connection to that same process, each timed alone (p50, p99), and the
+//!   requests per second of the whole series. Ember: `GET /` framed by the api crate's HTTP
+//!   module; QEMU: `query-status` over QMP. Ember answers on a connection thread that hands
+//!   each request to the VMM thread and waits for its answer; QEMU answers QMP within its
+//!   main loop. Two thread wake-ups per request make Ember's figure the more sensitive to
+//!   CPU contention, which in the nested test bed means the host's load on the level-1
+//!   VM's vCPU threads: compare runs made on a quiet host.
+//! - Memory: the guest (1 vCPU, 128 MiB, the standard kernel and initramfs, staying up)
+//!   booted to ember-init's ready line, [`SETTLE`] later the VMM's resident memory minus the
+//!   guest memory it has touched. Ember boots from a config file with its API socket open;
+//!   QEMU with its QMP socket open. See [`MemorySample`] for how the figures are read.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::client::ApiClient;
+use api::http::{self, Connection};
+use serde::Serialize;
+use serde_json::{json, Value};
+use testbed::{Artifacts, GuestSpec, TEST_BOOT_ARGS};
+
+use crate::boot::{alternate, Vmm};
+use crate::stats::{percentile, sorted, Summary};
+
+/// The guest of the memory measurement, as the issue asks: 1 vCPU, 128 MiB.
+pub const VCPUS: u8 = 1;
+pub const MEM_MIB: u32 = 128;
+/// Untimed requests before the timed ones: the first answers pay for lazily set-up state.
+const WARMUP: usize = 10;
+/// How long after the ready line the memory is read: the guest's init is idle by then.
+const SETTLE: Duration = Duration::from_secs(2);
+/// Limits for a VMM to answer on its socket, to boot, and for one request.
+const READY_LIMIT: Duration = Duration::from_secs(120);
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+const REQUEST_LIMIT: Duration = Duration::from_secs(30);
+/// How often a socket is tried until it answers: the granularity of the ready figure.
+const READY_POLL: Duration = Duration::from_millis(1);
+/// How often the console is read for the ready line: reads are not free in the nested test
+/// bed (its files are shared over virtiofs), and no time is measured here.
+const CONSOLE_POLL: Duration = Duration::from_millis(20);
+
+/// Figures for one VMM: metric name -> summary over runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiResult {
+    pub vmm: &'static str,
+    /// What the latency figures time.
+    pub request: &'static str,
+    pub metrics: BTreeMap<String, Summary>,
+}
+
+/// What one fresh VMM process measured on its control socket.
+#[derive(Debug, Clone, Copy)]
+struct ControlSample {
+    ready_ms: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests_per_s: f64,
+}
+
+/// The resident memory of a VMM with a booted guest, from `/proc/PID/smaps`, in KiB.
+///
+/// The guest memory mapping is the one private anonymous read-write mapping exactly the
+/// guest's size (Ember maps each RAM range on its own, 2 MiB-aligned; QEMU maps its RAM
+/// block the same way, its guard page being a separate mapping); anything else is an error
+/// rather than a guess. "Guest memory touched" is that mapping's `Rss`: the guest pages
+/// the host backs, whoever touched them first (the VMM loading the kernel and initramfs, or
+/// the guest), counted whole huge pages where THP backs them. Totals are the sums over all
+/// mappings of the same snapshot (`Rss`, and `Anonymous` for the anonymous part), not
+/// `/proc/PID/status`, whose per-thread counters may lag. Memory the kernel spends for KVM
+/// (page tables, vCPU state) is in neither figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySample {
+    pub rss_kib: u64,
+    pub anonymous_kib: u64,
+    pub guest_touched_kib: u64,
+}
+
+impl MemorySample {
+    /// Resident memory that is not guest memory.
+    fn overhead_kib(&self) -> u64 {
+        self.rss_kib.saturating_sub(self.guest_touched_kib)
+    }
+}
+
+/// Runs `runs` rounds per VMM, alternating who goes first; each round measures a fresh
+/// process's control socket (`requests` timed round trips) and a booted guest's memory.
+pub fn compare(
+    runs: usize,
+    requests: usize,
+    art: &Artifacts,
+    work: &Path,
+    with_peer: bool,
+) -> Result<Vec<ApiResult>, String> {
+    let vmms: &[Vmm] = if with_peer {
+        &[Vmm::Ember, Vmm::QemuMicrovm]
+    } else {
+        &[Vmm::Ember]
+    };
+    let samples = alternate(runs, vmms, |run, vmm| {
+        let control = match vmm {
+            Vmm::Ember => ember_control(art, work, requests)?,
+            Vmm::QemuMicrovm => qemu_control(art, work, requests)?,
+        };
+        let memory = memory_once(vmm, art, work)?;
+        eprintln!(
+            "run {}/{runs} {:<13} ready {:>8.1} ms, p50 {:>7.1} us, p99 {:>7.1} us, {:>7.0} req/s, \
+             RSS {:>6.1} MiB - guest {:>6.1} MiB = {:>5.1} MiB",
+            run + 1,
+            vmm.name(),
+            control.ready_ms,
+            control.p50_us,
+            control.p99_us,
+            control.requests_per_s,
+            mib(memory.rss_kib),
+            mib(memory.guest_touched_kib),
+            mib(memory.overhead_kib()),
+        );
+        Ok((control, memory))
+    })?;
+    vmms.iter()
+        .zip(samples)
+        .map(|(vmm, runs)| {
+            Ok(ApiResult {
+                vmm: vmm.name(),
+                request: match vmm {
+                    Vmm::Ember => "GET /",
+                    Vmm::QemuMicrovm => "QMP query-status",
+                },
+                metrics: summarise(&runs)?,
+            })
+        })
+        .collect()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Metric name -> summary over the runs of one VMM.
+fn summarise(runs: &[(ControlSample, MemorySample)]) -> Result<BTreeMap<String, Summary>, String> {
+    type Figure = fn(&(ControlSample, MemorySample)) -> f64;
+    let figures: [(&str, Figure); 9] = [
+        ("ready_ms", |(c, _)| c.ready_ms),
+        ("request_p50_us", |(c, _)| c.p50_us),
+        ("request_p99_us", |(c, _)| c.p99_us),
+        ("requests_per_s", |(c, _)| c.requests_per_s),
+        ("rss_mib", |(_, m)| mib(m.rss_kib)),
+        ("guest_touched_mib", |(_, m)| mib(m.guest_touched_kib)),
+        ("overhead_mib", |(_, m)| mib(m.overhead_kib())),
+        ("overhead_anon_mib", |(_, m)| {
+            mib(m.anonymous_kib.saturating_sub(m.guest_touched_kib))
+        }),
+        ("overhead_file_shmem_mib", |(_, m)| {
+            mib(m.rss_kib.saturating_sub(m.anonymous_kib))
+        }),
+    ];
+    figures
+        .iter()
+        .map(|(name, figure)| {
+            let values: Vec<f64> = runs.iter().map(figure).collect();
+            let summary = Summary::of(&values).ok_or("no runs")?;
+            Ok((name.to_string(), summary))
+        })
+        .collect()
+}
+
+/// A VMM process, killed when dropped: every measurement ends it this way.
+struct Vm {
+    child: Child,
+    name: &'static str,
+    stderr: PathBuf,
+}
+
+impl Vm {
+    fn spawn(mut cmd: Command, vmm: Vmm, work: &Path, stdout: Stdio) -> Result<Self, String> {
+        let stderr = work.join(format!("api-{}.stderr", vmm.name()));
+        let file = fs::File::create(&stderr)
+            .map_err(|e| format!("cannot create {}: {e}", stderr.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", vmm.name()))?;
+        Ok(Self {
+            child,
+            name: vmm.name(),
+            stderr,
+        })
+    }
+
+    /// Calls `attempt` every `interval` until it gives an answer; fails when the process
+    /// ends first or `limit` passes.
+    fn poll<T>(
+        &mut self,
+        limit: Duration,
+        interval: Duration,
+        mut attempt: impl FnMut() -> Option<T>,
+    ) -> Result<T, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(answer) = attempt() {
+                return Ok(answer);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(self.failure(&format!("exited with {status}")));
+            }
+            if Instant::now() > deadline {
+                return Err(self.failure(&format!("gave no answer within {limit:?}")));
+            }
+            std::thread::sleep(interval);
+        }
+    }
+
+    fn failure(&self, what: &str) -> String {
+        let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
+        format!("{} {what}; its stderr:\n{stderr}", self.name)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A socket path in `work`, with nothing left at it from an earlier run.
+fn fresh_socket(work: &Path, name: &str) -> PathBuf {
+    let path = work.join(name);
+    let _ = fs::remove_file(&path);
+    path
+}
+
+/// `ember --api-sock`: spawn to the first `200` on `GET /`, then `GET /` round trips on one
+/// kept-alive connection.
+fn ember_control(art: &Artifacts, work: &Path, requests: usize) -> Result<ControlSample, String> {
+    let socket = fresh_socket(work, "api-ember.sock");
+    let mut cmd = Command::new(&art.ember);
+    cmd.arg("--api-sock").arg(&socket);
+    let start = Instant::now();
+    let mut vm = Vm::spawn(cmd, Vmm::Ember, work, Stdio::null())?;
+    let client = ApiClient::new(&socket).with_timeout(REQUEST_LIMIT);
+    let first = vm.poll(READY_LIMIT, READY_POLL, || {
+        client
+            .request("GET", "/", None)
+            .ok()
+            .filter(|r| r.status == 200)
+    })?;
+    let ready_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let info: Value = serde_json::from_str(&first.body)
+        .map_err(|e| format!("GET / answered {:?}: {e}", first.body))?;
+    if info["app_name"] != "ember" {
+        return Err(format!(
+            "GET / answered {info} instead of Ember's instance info"
+        ));
+    }
+    let stream = connect(&socket)?;
+    let mut conn = Connection::new(stream);
+    let (p50_us, p99_us, requests_per_s) = time_requests(requests, || {
+        http::write_request(conn.stream(), "GET", "/", None)
+            .map_err(|e| format!("cannot send GET /: {e}"))?;
+        match conn.read_response() {
+            Ok((200, _)) => Ok(()),
+            Ok((status, body)) => Err(format!(
+                "GET / answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            )),
+            Err(e) => Err(format!("GET /: {e}")),
+        }
+    })?;
+    Ok(ControlSample {
+        ready_ms,
+        p50_us,
+        p99_us,
+        requests_per_s,
+    })
+}
+
+/// QEMU microvm paused before the guest runs: spawn to the QMP greeting and
+/// `qmp_capabilities` answered, then `query-status` round trips on that connection.
+fn qemu_control(art: &Artifacts, work: &Path, requests: usize) -> Result<ControlSample, String> {
+    let socket = fresh_socket(work, "api-qemu.sock");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(qemu_microvm_args(&bench_guest(art), &socket))
+        .arg("-S");
+    let start = Instant::now();
+    let mut vm = Vm::spawn(cmd, Vmm::QemuMicrovm, work, Stdio::null())?;
+    let mut qmp = vm.poll(READY_LIMIT, READY_POLL, || Qmp::handshake(&socket).ok())?;
+    let ready_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let status = qmp.execute("query-status")?;
+    if status["status"] != "prelaunch" {
+        return Err(format!("QEMU reports {status} instead of a paused machine"));
+    }
+    let (p50_us, p99_us, requests_per_s) =
+        time_requests(requests, || qmp.execute("query-status").map(drop))?;
+    Ok(ControlSample {
+        ready_ms,
+        p50_us,
+        p99_us,
+        requests_per_s,
+    })
+}
+
+fn connect(socket: &Path) -> Result<UnixStream, String> {
+    let stream = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    stream
+        .set_read_timeout(Some(REQUEST_LIMIT))
+        .and_then(|()| stream.set_write_timeout(Some(REQUEST_LIMIT)))
+        .map_err(|e| format!("cannot set timeouts on {}: {e}", socket.display()))?;
+    Ok(stream)
+}
+
+/// Runs `round_trip` [`WARMUP`] times untimed, then `n` times timed; returns the p50 and
+/// p99 of the single round trips in microseconds and the round trips per second overall.
+fn time_requests(
+    n: usize,
+    mut round_trip: impl FnMut() -> Result<(), String>,
+) -> Result<(f64, f64, f64), String> {
+    for _ in 0..WARMUP {
+        round_trip()?;
+    }
+    let mut micros = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        round_trip()?;
+        micros.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let per_s = n as f64 / start.elapsed().as_secs_f64();
+    let micros = sorted(&micros);
+    let p = |q| percentile(&micros, q).ok_or_else(|| "no requests".to_string());
+    Ok((p(50.0)?, p(99.0)?, per_s))
+}
+
+/// One QMP connection, past the capabilities negotiation. QMP speaks one JSON object per
+/// line; asynchronous events may arrive between a command and its answer and are skipped.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and leaves capabilities negotiation mode.
+    fn handshake(socket: &Path) -> Result<Self, String> {
+        let stream = connect(socket)?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| format!("cannot clone the QMP socket: {e}"))?;
+        let mut qmp = Self {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.read_message()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("QEMU greeted with {greeting}"));
+        }
+        qmp.execute("qmp_capabilities")?;
+        Ok(qmp)
+    }
+
+    /// Sends a command without arguments and returns its `return` value.
+    fn execute(&mut self, command: &str) -> Result<Value, String> {
+        let mut line = json!({ "execute": command }).to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("cannot send QMP {command}: {e}"))?;
+        loop {
+            let mut message = self.read_message()?;
+            if let Some(answer) = message.get_mut("return") {
+                return Ok(answer.take());
+            }
+            if let Some(error) = message.get("error") {
+                return Err(format!("QMP {command} failed: {error}"));
+            }
+        }
+    }
+
+    fn read_message(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QEMU closed the QMP connection".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP sent {line:?}: {e}")),
+            Err(e) => Err(format!("cannot read from QMP: {e}")),
+        }
+    }
+}
+
+/// The memory measurement's guest: the standard kernel and initramfs, 1 vCPU, 128 MiB,
+/// staying up after its ready line.
+pub fn bench_guest(art: &Artifacts) -> GuestSpec {
+    GuestSpec {
+        vcpus: VCPUS,
+        mem_mib: MEM_MIB,
+        boot_args: TEST_BOOT_ARGS.replace(" ember.test=poweroff", ""),
+        ..GuestSpec::standard(art)
+    }
+}
+
+/// QEMU's microvm machine as [`crate::boot`] runs it (same options, same kernel, initramfs
+/// and command line; this guest has no drives or network), with its QMP socket at `qmp`.
+fn qemu_microvm_args(spec: &GuestSpec, qmp: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,acpi=off",
+        "-device",
+        "i8042",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+    ]
+    .iter()
+    .chain(testbed::QEMU_HEADLESS_ARGS.iter())
+    .chain(["-serial", "stdio"].iter())
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-m".into(),
+        format!("{}M", spec.mem_mib),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+    ]);
+    if let Some(initrd) = &spec.initrd {
+        args.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
+    args.extend([
+        "-append".into(),
+        spec.boot_args.clone(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    args
+}
+
+/// Boots the bench guest with `vmm` to ember-init's ready line, waits [`SETTLE`], and reads
+/// the VMM's memory.
+fn memory_once(vmm: Vmm, art: &Artifacts, work: &Path) -> Result<MemorySample, String> {
+    let spec = bench_guest(art);
+    let console = work.join(format!("api-{}.out", vmm.name()));
+    let stdout = fs::File::create(&console)
+        .map_err(|e| format!("cannot create {}: {e}", console.display()))?;
+    let cmd = match vmm {
+        Vmm::Ember => {
+            let config = work.join("api-bench-vm.json");
+            fs::write(&config, spec.config_json())
+                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+            let mut cmd = Command::new(&art.ember);
+            cmd.arg("--api-sock")
+                .arg(fresh_socket(work, "api-ember.sock"))
+                .arg("--config-file")
+                .arg(&config);
+            cmd
+        }
+        Vmm::QemuMicrovm => {
+            let mut cmd = Command::new("qemu-system-x86_64");
+            cmd.args(qemu_microvm_args(
+                &spec,
+                &fresh_socket(work, "api-qemu.sock"),
+            ));
+            cmd
+        }
+    };
+    let mut vm = Vm::spawn(cmd, vmm, work, stdout.into())?;
+    vm.poll(BOOT_LIMIT, CONSOLE_POLL, || {
+        fs::read_to_string(&console)
+            .ok()
+            .filter(|text| text.contains("ember-init: ready in "))
+    })
+    .map_err(|e| {
+        let text = fs::read_to_string(&console).unwrap_or_default();
+        format!("no ready line: {e}\nits console:\n{text}")
+    })?;
+    std::thread::sleep(SETTLE);
+    let smaps_path = format!("/proc/{}/smaps", vm.child.id());
+    let smaps =
+        fs::read_to_string(&smaps_path).map_err(|e| format!("cannot read {smaps_path}: {e}"))?;
+    read_memory(&smaps, u64::from(MEM_MIB) << 10).map_err(|e| format!("{}: {e}", vmm.name()))
+}
+
+/// One mapping of `/proc/PID/smaps`: its header and the sizes we need, in KiB.
+#[derive(Debug, Default)]
+struct Mapping {
+    header: String,
+    perms: String,
+    anonymous_name: bool,
+    size_kib: u64,
+    rss_kib: u64,
+    anonymous_kib: u64,
+}
+
+/// Parses `/proc/PID/smaps`: a header line per mapping (`start-end perms offset dev inode
+/// [path]`) followed by `Key: value kB` lines.
+fn parse_smaps(text: &str) -> Vec<Mapping> {
+    let mut mappings: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(first) = words.first() else { continue };
+        let is_header = first.split_once('-').is_some_and(|(a, b)| {
+            u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
+        });
+        if is_header {
+            mappings.push(Mapping {
+                header: line.to_string(),
+                perms: words.get(1).unwrap_or(&"").to_string(),
+                anonymous_name: words.len() <= 5,
+                ..Mapping::default()
+            });
+            continue;
+        }
+        let (Some(mapping), Some(value)) = (mappings.last_mut(), words.get(1)) else {
+            continue;
+        };
+        let value = value.parse().unwrap_or(0);
+        match *first {
+            "Size:" => mapping.size_kib = value,
+            "Rss:" => mapping.rss_kib = value,
+            "Anonymous:" => mapping.anonymous_kib = value,
+            _ => {}
+        }
+    }
+    mappings
+}
+
+/// The memory figures of one smaps snapshot; see [`MemorySample`].
+fn read_memory(smaps: &str, guest_kib: u64) -> Result<MemorySample, String> {
+    let mappings = parse_smaps(smaps);
+    let guest: Vec<&Mapping> = mappings
+        .iter()
+        .filter(|m| m.anonymous_name && m.perms == "rw-p" && m.size_kib == guest_kib)
+        .collect();
+    let [guest] = guest.as_slice() else {
+        let found: Vec<&str> = guest.iter().map(|m| m.header.as_str()).collect();
+        return Err(format!(
+            "expected one private anonymous rw mapping of {guest_kib} KiB (guest memory), \
+             found {}: {found:?}",
+            found.len()
+        ));
+    };
+    Ok(MemorySample {
+        rss_kib: mappings.iter().map(|m| m.rss_kib).sum(),
+        anonymous_kib: mappings.iter().map(|m| m.anonymous_kib).sum(),
+        guest_touched_kib: guest.rss_kib,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c0000000-55d0c0200000 r-xp 00000000 fe:00 123 /usr/bin/ember
+Size:               2048 kB
+Rss:                1500 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0 
+Size:             131072 kB
+Rss:               40960 kB
+Anonymous:         40960 kB
+AnonHugePages:     40960 kB
+VmFlags: rd wr mr mw me ac hg
+7f0008000000-7f000c000000 rw-p 00000000 00:00 0 
+Size:              65536 kB
+Rss:                 300 kB
+Anonymous:           300 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+Size:                132 kB
+Rss:                  20 kB
+Anonymous:            20 kB
+";
+
+    #[test]
+    fn guest_mapping_and_totals_from_smaps() {
+        let m = read_memory(SMAPS, 128 << 10).unwrap();
+        assert_eq!(
+            m,
+            MemorySample {
+                rss_kib: 1500 + 40960 + 300 + 20,
+                anonymous_kib: 40960 + 300 + 20,
+                guest_touched_kib: 40960,
+            }
+        );
+        assert_eq!(m.overhead_kib(), 1820);
+    }
+
+    #[test]
+    fn no_guess_without_exactly_one_guest_sized_mapping() {
+        let err = read_memory(SMAPS, 256 << 10).unwrap_err();
+        assert!(err.contains("found 0"), "{err}");
+        let twice = format!(
+            "{SMAPS}{}",
+            SMAPS.lines().skip(5).take(6).collect::<Vec<_>>().join("\n")
+        );
+        let err = read_memory(&twice, 128 << 10).unwrap_err();
+        assert!(err.contains("found 2"), "{err}");
+    }
+
+    #[test]
+    fn qemu_args_open_qmp_and_leave_pausing_to_the_caller() {
+        let spec = GuestSpec {
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            vcpus: 1,
+            mem_mib: 128,
+            boot_args: "quiet".into(),
+            drives: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+        };
+        let args = qemu_microvm_args(&spec, Path::new("/tmp/q.sock")).join(" ");
+        assert!(args.contains("-m 128M"), "{args}");
+        assert!(args.contains("-initrd /i -append quiet"), "{args}");
+        assert!(
+            args.ends_with("-qmp unix:/tmp/q.sock,server=on,wait=off"),
+            "{args}"
+        );
+        assert!(!args.split(' ').any(|a| a == "-S"), "{args}");
+    }
+}
