@@ -1,6 +1,7 @@
 //! virtio-net with a real guest: a TAP in a network namespace made by the test, the guest
 //! configured by `ip=`, the guest pings the host, and TCP transfers both ways have their
-//! checksums compared.
+//! checksums compared. The VM is configured the way a user of the API socket would, with
+//! curl: one `PUT` per section (network-interfaces among them), then InstanceStart.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -29,12 +30,24 @@ ip tuntap add dev tap0 mode tap
 ip addr add 172.16.0.1/24 dev tap0
 ip link set tap0 up
 python3 {peer} 172.16.0.1 {GUEST_TO_HOST} outbound.bin > server.out 2> server.err &
+peer=$!
 while [ ! -e server.ready ]; do sleep 0.1; done
-{ember} --no-api --config-file vm.json > vm.out 2> vm.err < /dev/null
+{ember} --api-sock api.sock > vm.out 2> vm.err < /dev/null &
+vmm=$!
+api() {{ curl -sSf --unix-socket api.sock -H "Content-Type: application/json" "$@"; }}
+until api http://localhost/ > /dev/null 2>&1; do
+    kill -0 $vmm || {{ echo "ember ended before serving its API socket" >&2; exit 1; }}
+    sleep 0.1
+done
+for put in boot-source machine-config drives/rootfs network-interfaces/eth0 actions; do
+    api -X PUT "http://localhost/$put" --data @"api-${{put//\//-}}.json" \
+        || {{ echo "PUT /$put was refused" >&2; kill $vmm; exit 1; }}
+done
+wait $vmm
 # The peer is done once the guest is; if the VM died early it would wait for its own
 # timeout, so it gets a few seconds and is then stopped.
-for i in $(seq 50); do kill -0 $! 2>/dev/null || break; sleep 0.2; done
-kill $! 2>/dev/null || true
+for i in $(seq 50); do kill -0 $peer 2>/dev/null || break; sleep 0.2; done
+kill $peer 2>/dev/null || true
 '
 "#,
         ember = shell_quote(&art.ember),
@@ -58,7 +71,24 @@ kill $! 2>/dev/null || true
     guest.nets.push(serde_json::json!(
         {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}
     ));
-    job.write_file("vm.json", &guest.config_json());
+    // One body per API request, named after its path (`/` becomes `-`).
+    let config: serde_json::Value = serde_json::from_str(&guest.config_json()).unwrap();
+    let bodies = [
+        ("boot-source", config["boot-source"].clone()),
+        ("machine-config", config["machine-config"].clone()),
+        ("drives-rootfs", config["drives"][0].clone()),
+        (
+            "network-interfaces-eth0",
+            config["network-interfaces"][0].clone(),
+        ),
+        (
+            "actions",
+            serde_json::json!({"action_type": "InstanceStart"}),
+        ),
+    ];
+    for (name, body) in bodies {
+        job.write_file(&format!("api-{name}.json"), &body.to_string());
+    }
 
     let out = job.run().unwrap_or_else(|e| panic!("{e}"));
     let read = |name: &str| fs::read_to_string(job.dir().join(name)).unwrap_or_default();
