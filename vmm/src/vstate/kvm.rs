@@ -8,6 +8,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use super::vcpu::StateSupport;
 use crate::arch::x86_64::cpuid::EmulatedFeatures;
 use crate::arch::x86_64::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
@@ -44,6 +45,8 @@ pub enum KvmError {
     CreatePit(kvm_ioctls::Error),
     #[error("cannot read the CPUID KVM supports: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot read the list of MSRs KVM saves: {0}")]
+    MsrIndexList(kvm_ioctls::Error),
     #[error("cannot register guest memory slot {slot} with KVM: {source}")]
     SetMemoryRegion {
         slot: u32,
@@ -57,6 +60,8 @@ pub struct KvmVm {
     pub fd: VmFd,
     pub supported_cpuid: CpuId,
     pub emulated: EmulatedFeatures,
+    /// What KVM offers for vCPU snapshots, handed to each vCPU.
+    pub state_support: StateSupport,
 }
 
 impl KvmVm {
@@ -115,11 +120,13 @@ pub fn create_vm(kvm: Kvm) -> Result<KvmVm, KvmError> {
     let emulated = EmulatedFeatures {
         tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
     };
+    let state_support = StateSupport::probe(&kvm, &fd).map_err(KvmError::MsrIndexList)?;
     Ok(KvmVm {
         kvm,
         fd,
         supported_cpuid,
         emulated,
+        state_support,
     })
 }
 

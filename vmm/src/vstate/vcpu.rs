@@ -1,8 +1,16 @@
 //! vCPUs: boot-time register set-up and the thread that runs each one, dispatching port
 //! and MMIO exits straight to the buses and reporting why it stopped. A running vCPU is
-//! driven through its [`VcpuHandle`]: pause and resume requests are sent on a channel and
-//! the thread is kicked out of `KVM_RUN` with a signal whose handler sets `immediate_exit`,
-//! so a request that arrives just before the thread enters the guest is not missed.
+//! driven through its [`VcpuHandle`]: pause, resume and save-state requests are sent on a
+//! channel and the thread is kicked out of `KVM_RUN` with a signal whose handler sets
+//! `immediate_exit`, so a request that arrives just before the thread enters the guest is
+//! not missed.
+//!
+//! Snapshots ([`state`]): a vCPU's fd lives on its thread once started, so a started vCPU's
+//! state is read there, on request, while it is paused ([`VcpuHandle::save_state`]).
+//! Restoring is done before the thread exists: a fresh [`Vcpu`] gets the saved state through
+//! [`Persist::restore`] and is then started as usual. That keeps restore off the filtered
+//! thread (its seccomp filter needs none of the set ioctls) and means a restored vCPU
+//! never runs with half its state.
 
 use std::cell::Cell;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -22,6 +30,12 @@ use super::kvm::KvmVm;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
 use crate::metrics::VcpuExitCounters;
+use crate::snapshot::Persist;
+
+pub mod msrs;
+pub mod state;
+
+pub use state::{check_vcpu_states, StateSupport, VcpuState, VcpuStateError};
 
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +70,10 @@ pub enum VcpuError {
     Gone(u8),
     #[error("vCPU {0} did not answer a {1} request within {2:?}")]
     NoAnswer(u8, &'static str, Duration),
+    #[error("vCPU {0} is running; pause the VM before saving its state")]
+    NotPaused(u8),
+    #[error(transparent)]
+    State(#[from] VcpuStateError),
 }
 
 /// What the VMM asks of a running vCPU.
@@ -63,6 +81,37 @@ pub enum VcpuError {
 pub enum VcpuEvent {
     Pause,
     Resume,
+    /// Read the vCPU's state; answered only by a paused vCPU (a running one answers
+    /// [`VcpuError::NotPaused`]). See [`VcpuHandle::save_state`].
+    SaveState,
+}
+
+impl VcpuEvent {
+    fn name(self) -> &'static str {
+        match self {
+            VcpuEvent::Pause => "pause",
+            VcpuEvent::Resume => "resume",
+            VcpuEvent::SaveState => "save-state",
+        }
+    }
+}
+
+/// What a vCPU thread answers.
+enum VcpuAnswer {
+    Paused,
+    Resumed,
+    State(Box<Result<VcpuState, VcpuError>>),
+}
+
+impl VcpuAnswer {
+    fn answers(&self, event: VcpuEvent) -> bool {
+        matches!(
+            (self, event),
+            (VcpuAnswer::Paused, VcpuEvent::Pause)
+                | (VcpuAnswer::Resumed, VcpuEvent::Resume)
+                | (VcpuAnswer::State(_), VcpuEvent::SaveState)
+        )
+    }
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -100,7 +149,7 @@ fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct VcpuHandle {
     index: u8,
     events: Sender<VcpuEvent>,
-    answers: Receiver<VcpuEvent>,
+    answers: Receiver<VcpuAnswer>,
     thread: JoinHandle<()>,
 }
 
@@ -115,18 +164,32 @@ impl VcpuHandle {
             .map_err(|e| VcpuError::Kick(self.index, e))
     }
 
-    /// Waits until the vCPU has carried out `event`.
+    /// Waits until the vCPU has carried out `event`. For [`VcpuEvent::SaveState`] the state
+    /// is dropped: [`VcpuHandle::save_state`] is the call that returns it.
     pub fn wait_for(&self, event: VcpuEvent, timeout: Duration) -> Result<(), VcpuError> {
-        let name = match event {
-            VcpuEvent::Pause => "pause",
-            VcpuEvent::Resume => "resume",
-        };
+        self.answer_to(event, timeout).map(drop)
+    }
+
+    /// The state of this vCPU, which must be paused (see [`state`] for what is saved).
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        // A state that came too late for an earlier, timed-out request is stale.
+        while self.answers.try_recv().is_ok() {}
+        self.send(VcpuEvent::SaveState)?;
+        match self.answer_to(VcpuEvent::SaveState, timeout)? {
+            VcpuAnswer::State(state) => *state,
+            // answer_to returns only answers to the event asked.
+            VcpuAnswer::Paused | VcpuAnswer::Resumed => Err(VcpuError::Gone(self.index)),
+        }
+    }
+
+    /// The next answer to `event`; answers to earlier requests are passed over.
+    fn answer_to(&self, event: VcpuEvent, timeout: Duration) -> Result<VcpuAnswer, VcpuError> {
         loop {
             match self.answers.recv_timeout(timeout) {
-                Ok(done) if done == event => return Ok(()),
+                Ok(answer) if answer.answers(event) => return Ok(answer),
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(VcpuError::NoAnswer(self.index, name, timeout))
+                    return Err(VcpuError::NoAnswer(self.index, event.name(), timeout))
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.index)),
             }
@@ -161,6 +224,8 @@ pub struct Vcpu {
     stopped: Sender<(u8, VcpuStop)>,
     stopped_evt: EventFd,
     exits: Arc<VcpuExitCounters>,
+    /// What KVM offers for saving and restoring this vCPU's state.
+    support: StateSupport,
 }
 
 impl Vcpu {
@@ -184,7 +249,13 @@ impl Vcpu {
             stopped,
             stopped_evt,
             exits,
+            support: vm.state_support.clone(),
         })
+    }
+
+    /// This vCPU's index (its KVM vCPU id and APIC id).
+    pub fn index(&self) -> u8 {
+        self.index
     }
 
     /// Sets CPUID, MSRs, registers, FPU and LAPIC wiring for a 64-bit Linux entry.
@@ -257,7 +328,7 @@ impl Vcpu {
         })
     }
 
-    fn run(&mut self, events: &Receiver<VcpuEvent>, answers: &Sender<VcpuEvent>) -> VcpuStop {
+    fn run(&mut self, events: &Receiver<VcpuEvent>, answers: &Sender<VcpuAnswer>) -> VcpuStop {
         loop {
             // Cleared before looking at requests: a kick that lands after this point sets
             // it again, so a request sent just now stops the next KVM_RUN at once.
@@ -270,7 +341,11 @@ impl Vcpu {
                     continue;
                 }
                 Ok(VcpuEvent::Resume) => {
-                    let _ = answers.send(VcpuEvent::Resume);
+                    let _ = answers.send(VcpuAnswer::Resumed);
+                }
+                Ok(VcpuEvent::SaveState) => {
+                    let refused = Err(VcpuError::NotPaused(self.index));
+                    let _ = answers.send(VcpuAnswer::State(Box::new(refused)));
                 }
                 // Without a VMM to pause it the vCPU just runs on.
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
@@ -285,17 +360,21 @@ impl Vcpu {
     fn park(
         &mut self,
         events: &Receiver<VcpuEvent>,
-        answers: &Sender<VcpuEvent>,
+        answers: &Sender<VcpuAnswer>,
     ) -> Option<VcpuStop> {
-        let _ = answers.send(VcpuEvent::Pause);
+        let _ = answers.send(VcpuAnswer::Paused);
         loop {
             match events.recv() {
                 Ok(VcpuEvent::Resume) => {
-                    let _ = answers.send(VcpuEvent::Resume);
+                    let _ = answers.send(VcpuAnswer::Resumed);
                     return None;
                 }
                 Ok(VcpuEvent::Pause) => {
-                    let _ = answers.send(VcpuEvent::Pause);
+                    let _ = answers.send(VcpuAnswer::Paused);
+                }
+                Ok(VcpuEvent::SaveState) => {
+                    let state = self.save().map_err(VcpuError::from);
+                    let _ = answers.send(VcpuAnswer::State(Box::new(state)));
                 }
                 Err(_) => return Some(VcpuStop::Failed("the VMM stopped while paused".into())),
             }
@@ -367,3 +446,26 @@ impl Vcpu {
         }
     }
 }
+
+/// A vCPU's KVM state. `save` reads it from a vCPU that is not running: one not started
+/// yet, or, through [`VcpuHandle::save_state`], a paused one on its own thread. `restore`
+/// takes a fresh vCPU, just made by [`Vcpu::new`] on the VM it is restored into (with guest
+/// memory registered, and not configured for boot), and returns it with the saved state,
+/// ready for [`Vcpu::start`].
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Args = Vcpu;
+    type Error = VcpuStateError;
+
+    fn save(&self) -> Result<VcpuState, VcpuStateError> {
+        state::save(&self.fd, self.index, &self.support)
+    }
+
+    fn restore(vcpu: Vcpu, state: &VcpuState) -> Result<Vcpu, VcpuStateError> {
+        state::restore(&vcpu.fd, vcpu.index, &vcpu.support, state)?;
+        Ok(vcpu)
+    }
+}
+
+#[cfg(test)]
+mod tests;
