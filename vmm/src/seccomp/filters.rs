@@ -52,19 +52,69 @@ pub(super) const KVM_IRQ_LINE: u64 = ioctl_expr(
     std::mem::size_of::<kvm_bindings::kvm_irq_level>() as c_uint,
 );
 /// `_IOR(KVMIO, 0x81, struct kvm_regs)`.
-const KVM_GET_REGS: u64 = ioctl_expr(
+pub(super) const KVM_GET_REGS: u64 = ioctl_expr(
     _IOC_READ,
     KVMIO,
     0x81,
     std::mem::size_of::<kvm_bindings::kvm_regs>() as c_uint,
 );
 /// `_IOR(KVMIO, 0x83, struct kvm_sregs)`.
-const KVM_GET_SREGS: u64 = ioctl_expr(
+pub(super) const KVM_GET_SREGS: u64 = ioctl_expr(
     _IOC_READ,
     KVMIO,
     0x83,
     std::mem::size_of::<kvm_bindings::kvm_sregs>() as c_uint,
 );
+
+/// `_IOR(KVMIO, nr, T)`: a KVM ioctl that copies a `T` out of the kernel.
+const fn kvm_ior<T>(nr: c_uint) -> u64 {
+    ioctl_expr(_IOC_READ, KVMIO, nr, std::mem::size_of::<T>() as c_uint)
+}
+
+/// `_IOWR(KVMIO, nr, T)`: a KVM ioctl that copies a `T` in and back out.
+const fn kvm_iowr<T>(nr: c_uint) -> u64 {
+    ioctl_expr(
+        _IOC_READ | _IOC_WRITE,
+        KVMIO,
+        nr,
+        std::mem::size_of::<T>() as c_uint,
+    )
+}
+
+// What a paused vCPU thread reads to save its state (`vstate::vcpu::state::save`), besides
+// KVM_GET_REGS and KVM_GET_SREGS. Restoring needs no ioctl there: it is done before the
+// thread starts.
+
+/// `_IOR(KVMIO, 0x98, struct kvm_mp_state)`.
+pub(super) const KVM_GET_MP_STATE: u64 = kvm_ior::<kvm_bindings::kvm_mp_state>(0x98);
+/// `_IOR(KVMIO, 0xa4, struct kvm_xsave)`.
+pub(super) const KVM_GET_XSAVE: u64 = kvm_ior::<kvm_bindings::kvm_xsave>(0xa4);
+/// `_IOR(KVMIO, 0xcf, struct kvm_xsave)`.
+pub(super) const KVM_GET_XSAVE2: u64 = kvm_ior::<kvm_bindings::kvm_xsave>(0xcf);
+/// `_IOR(KVMIO, 0xa6, struct kvm_xcrs)`.
+pub(super) const KVM_GET_XCRS: u64 = kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6);
+/// `_IOR(KVMIO, 0xa1, struct kvm_debugregs)`.
+pub(super) const KVM_GET_DEBUGREGS: u64 = kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1);
+/// `_IOR(KVMIO, 0x8e, struct kvm_lapic_state)`.
+pub(super) const KVM_GET_LAPIC: u64 = kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e);
+/// `_IO(KVMIO, 0xa3)`.
+pub(super) const KVM_GET_TSC_KHZ: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0xa3, 0);
+/// `_IOWR(KVMIO, 0x91, struct kvm_cpuid2)`.
+pub(super) const KVM_GET_CPUID2: u64 = kvm_iowr::<kvm_bindings::kvm_cpuid2>(0x91);
+/// `_IOWR(KVMIO, 0x88, struct kvm_msrs)`.
+pub(super) const KVM_GET_MSRS: u64 = kvm_iowr::<kvm_bindings::kvm_msrs>(0x88);
+/// `_IOR(KVMIO, 0x9f, struct kvm_vcpu_events)`.
+pub(super) const KVM_GET_VCPU_EVENTS: u64 = kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f);
+
+// What the VMM thread reads to save the VM's state (`vstate::vm_state`), with the vCPUs
+// paused. Restoring happens before its filter is installed.
+
+/// `_IOWR(KVMIO, 0x62, struct kvm_irqchip)`.
+pub(super) const KVM_GET_IRQCHIP: u64 = kvm_iowr::<kvm_bindings::kvm_irqchip>(0x62);
+/// `_IOR(KVMIO, 0x9f, struct kvm_pit_state2)`.
+pub(super) const KVM_GET_PIT2: u64 = kvm_ior::<kvm_bindings::kvm_pit_state2>(0x9f);
+/// `_IOR(KVMIO, 0x7c, struct kvm_clock_data)`.
+pub(super) const KVM_GET_CLOCK: u64 = kvm_ior::<kvm_bindings::kvm_clock_data>(0x7c);
 
 /// `mmap`/`mprotect` argument 2 (`prot`): no thread ever maps new code.
 const NO_EXEC: Args = Args::NoneOf(2, libc::PROT_EXEC as u64);
@@ -128,11 +178,34 @@ const COMMON: &[Allowed] = &[
 /// serial console, i8042, boot timer and virtio-mmio transports, which write stdout and
 /// eventfds). No reads, no opens, no sockets.
 const VCPU: &[Allowed] = &[
-    // KVM_RUN; the registers of a guest that triple-faulted, for the report; a virtio
-    // transport whose activation failed raises its interrupt (KVM_IRQ_LINE).
     (
         libc::SYS_ioctl,
-        Args::OneOf(1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_IRQ_LINE]),
+        Args::OneOf(
+            1,
+            &[
+                KVM_RUN,
+                // The registers of a guest that triple-faulted, for the report; the first
+                // two parts of a saved state.
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                // A virtio transport whose activation failed raises its interrupt.
+                KVM_IRQ_LINE,
+                // Saving the state while paused: MP state (read first: it makes KVM take in
+                // pending INIT/SIPI), XSAVE area (FPU, SSE, AVX) by whichever of the two
+                // calls this KVM has, XCR0, debug registers, local APIC, TSC frequency,
+                // CPUID, MSRs, pending events.
+                KVM_GET_MP_STATE,
+                KVM_GET_XSAVE,
+                KVM_GET_XSAVE2,
+                KVM_GET_XCRS,
+                KVM_GET_DEBUGREGS,
+                KVM_GET_LAPIC,
+                KVM_GET_TSC_KHZ,
+                KVM_GET_CPUID2,
+                KVM_GET_MSRS,
+                KVM_GET_VCPU_EVENTS,
+            ],
+        ),
     ),
     (libc::SYS_tgkill, ABORT_ONLY),
 ];
@@ -160,10 +233,22 @@ const VMM: &[Allowed] = &[
     (libc::SYS_connect, Args::Any),
     // vsock half-close when the guest stops sending.
     (libc::SYS_shutdown, Args::Any),
-    // std's set_nonblocking on accepted vsock streams; virtio interrupts (KVM_IRQ_LINE).
     (
         libc::SYS_ioctl,
-        Args::OneOf(1, &[libc::FIONBIO, KVM_IRQ_LINE]),
+        Args::OneOf(
+            1,
+            &[
+                // std's set_nonblocking on accepted vsock streams.
+                libc::FIONBIO,
+                // Virtio interrupts.
+                KVM_IRQ_LINE,
+                // Saving the VM's state, vCPUs paused: the PICs and IOAPIC, the PIT, the
+                // kvmclock.
+                KVM_GET_IRQCHIP,
+                KVM_GET_PIT2,
+                KVM_GET_CLOCK,
+            ],
+        ),
     ),
     // The vsock timeout tick, armed and disarmed.
     (libc::SYS_timerfd_settime, Args::Any),

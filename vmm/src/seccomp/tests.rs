@@ -19,6 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::*;
+use crate::vstate::test_vm::TestVm;
 
 const CHILD_ENV: &str = "EMBER_SECCOMP_CHILD";
 
@@ -92,6 +93,56 @@ fn the_kvm_run_request_number_is_the_kernels() {
     assert_eq!(filters::KVM_RUN, 0xae80);
     // _IOW(KVMIO, 0x61, struct kvm_irq_level), 8 bytes.
     assert_eq!(filters::KVM_IRQ_LINE, 0x4008_ae61);
+}
+
+#[test]
+fn the_snapshot_request_numbers_are_the_kernels() {
+    // From the kernel's <linux/kvm.h>, as the _IOR/_IOWR macros expand on x86_64.
+    let expected = [
+        (filters::KVM_GET_REGS, 0x8090_ae81_u64),
+        (filters::KVM_GET_SREGS, 0x8138_ae83),
+        (filters::KVM_GET_MP_STATE, 0x8004_ae98),
+        (filters::KVM_GET_XSAVE, 0x9000_aea4),
+        (filters::KVM_GET_XSAVE2, 0x9000_aecf),
+        (filters::KVM_GET_XCRS, 0x8188_aea6),
+        (filters::KVM_GET_DEBUGREGS, 0x8080_aea1),
+        (filters::KVM_GET_LAPIC, 0x8400_ae8e),
+        (filters::KVM_GET_TSC_KHZ, 0xaea3),
+        (filters::KVM_GET_CPUID2, 0xc008_ae91),
+        (filters::KVM_GET_MSRS, 0xc008_ae88),
+        (filters::KVM_GET_VCPU_EVENTS, 0x8040_ae9f),
+        (filters::KVM_GET_IRQCHIP, 0xc208_ae62),
+        (filters::KVM_GET_PIT2, 0x8070_ae9f),
+        (filters::KVM_GET_CLOCK, 0x8030_ae7c),
+    ];
+    for (computed, kernel) in expected {
+        assert_eq!(computed, kernel, "{computed:#x} is not {kernel:#x}");
+    }
+}
+
+#[test]
+fn a_paused_vcpu_thread_saves_its_state_under_its_filter() {
+    let (code, stdout, stderr) = run_child("vcpu-save-state");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    for line in [
+        "vcpu thread status: Seccomp:\t2\n",
+        "running vcpu refused: vCPU 1 is running; pause the VM before saving its state\n",
+        "paused vcpu state saved and equal\n",
+        "vcpu resumed and paused again\n",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}\n{stderr}");
+    }
+}
+
+#[test]
+fn the_vmm_thread_saves_the_vm_state_under_its_filter() {
+    let (code, stdout, stderr) = run_child("vmm-save-vm-state");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("filtered thread status: Seccomp:\t2\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("vm state saved"), "{stdout}\n{stderr}");
 }
 
 /// Runs this test binary as a child acting out `scenario`: (exit code, stdout, stderr).
@@ -247,6 +298,12 @@ fn child_process() {
             }
         }),
         "api-served" => serve_api_under_filter(),
+        "vcpu-save-state" => save_state_on_a_filtered_vcpu_thread(),
+        "vmm-save-vm-state" => allowed(ThreadKind::Vmm, TestVm::new(1), |test| {
+            use crate::snapshot::Persist;
+            let state = test.vm.save().unwrap();
+            println!("vm state saved: {state:?}");
+        }),
         "api-open" => {
             install(ThreadKind::Api).unwrap();
             let err = std::fs::File::open("/proc/self/status").unwrap_err();
@@ -466,4 +523,47 @@ fn serve_api_under_filter() {
     let mode = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap();
     println!("filtered thread status: {mode}");
     println!("filtered thread done");
+}
+
+/// The real vCPU thread (`Vcpu::start`, which installs the vCPU filter) of an application
+/// processor that has not been started by the guest: KVM_RUN holds it in the kernel until a
+/// kick, as a real AP waits for its startup IPI. Asked for its state while running it
+/// refuses; paused, it saves, and the state matches what was saved before it started.
+fn save_state_on_a_filtered_vcpu_thread() {
+    use crate::snapshot::Persist;
+    use crate::vstate::vcpu::{VcpuError, VcpuEvent};
+
+    const WAIT: Duration = Duration::from_secs(30);
+    let test = TestVm::new(2);
+    let ap = test.boot_vcpus(2).pop().unwrap();
+    let before = ap.save().unwrap();
+    let handle = ap.start().unwrap();
+    match handle.save_state(WAIT) {
+        Err(e @ VcpuError::NotPaused(1)) => println!("running vcpu refused: {e}"),
+        other => panic!("a running vCPU answered {other:?}"),
+    }
+    handle.send(VcpuEvent::Pause).unwrap();
+    handle.wait_for(VcpuEvent::Pause, WAIT).unwrap();
+    let vcpu_thread = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .map(|task| task.unwrap().path())
+        .find(|task| std::fs::read_to_string(task.join("comm")).unwrap() == "ember_vcpu1\n")
+        .unwrap();
+    let status = std::fs::read_to_string(vcpu_thread.join("status")).unwrap();
+    let mode = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap();
+    println!("vcpu thread status: {mode}");
+    let saved = handle.save_state(WAIT).unwrap();
+    // Only the TSC moves while a vCPU exists.
+    let without_tsc = |state: &crate::vstate::vcpu::VcpuState| {
+        let mut state = state.clone();
+        state.msrs.retain(|m| m.index != 0x10);
+        state
+    };
+    assert_eq!(without_tsc(&saved), without_tsc(&before));
+    println!("paused vcpu state saved and equal");
+    handle.send(VcpuEvent::Resume).unwrap();
+    handle.wait_for(VcpuEvent::Resume, WAIT).unwrap();
+    handle.send(VcpuEvent::Pause).unwrap();
+    handle.wait_for(VcpuEvent::Pause, WAIT).unwrap();
+    println!("vcpu resumed and paused again");
 }
