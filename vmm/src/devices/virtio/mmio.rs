@@ -278,6 +278,10 @@ impl MmioTransport {
     }
 }
 
+#[path = "mmio_persist.rs"]
+mod persist;
+pub use persist::{MmioStateError, MmioTransportArgs, MmioTransportState};
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod vsock;
 
 use std::os::fd::AsRawFd;
@@ -133,6 +134,12 @@ impl Interrupt {
 
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// Sets the status bits a snapshot recorded, without injecting anything: the restored
+    /// interrupt controllers already hold whatever the guest had not taken.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 }
 

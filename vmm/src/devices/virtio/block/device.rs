@@ -53,7 +53,11 @@ pub struct BlockCounters {
 /// A virtio-blk device.
 pub struct Block {
     pub drive_id: String,
-    disk: Disk,
+    /// The backing file now (a live drive update changes it) and its size in bytes when
+    /// opened, for snapshots.
+    pub(super) path: PathBuf,
+    pub(super) size: u64,
+    pub(super) disk: Disk,
     config: [u8; 8],
     pub(super) common: VirtioCommon,
     pub counters: Arc<BlockCounters>,
@@ -79,8 +83,13 @@ impl Block {
 
     /// Opens the drive and builds the device.
     pub fn new(spec: &DriveSpec) -> Result<Self, BlockError> {
-        let id = &spec.drive_id;
         let (file, size) = Self::open_disk(spec)?;
+        Self::with_file(spec, file, size)
+    }
+
+    /// Builds the device on the drive's opened file of `size` bytes.
+    pub(super) fn with_file(spec: &DriveSpec, file: File, size: u64) -> Result<Self, BlockError> {
+        let id = &spec.drive_id;
         let capacity = size >> SECTOR_SHIFT;
         let mut avail_features = VIRTIO_F_VERSION_1;
         if spec.read_only {
@@ -91,6 +100,8 @@ impl Block {
         }
         Ok(Self {
             drive_id: id.clone(),
+            path: spec.path.clone(),
+            size,
             disk: Disk {
                 file,
                 capacity,
@@ -115,6 +126,8 @@ impl Block {
             flush_to_disk: self.disk.flush_to_disk,
         };
         let (file, size) = Self::open_disk(&spec)?;
+        self.path = spec.path;
+        self.size = size;
         self.disk.file = file;
         self.disk.capacity = size >> SECTOR_SHIFT;
         self.config = self.disk.capacity.to_le_bytes();

@@ -2,6 +2,8 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod persist;
 pub mod request;
 
 pub use device::{Block, BlockCounters, BlockError, DriveSpec};
+pub use persist::{BlockState, BlockStateError};

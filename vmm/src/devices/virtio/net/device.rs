@@ -24,7 +24,7 @@ use crate::devices::virtio::{
 pub const RX: usize = 0;
 pub const TX: usize = 1;
 pub const QUEUE_SIZE: u16 = 256;
-const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub(super) const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 /// Largest frame handled: a 64 KiB packet plus Ethernet and virtio-net headers.
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535;
 /// Offset of `num_buffers` in the virtio-net header.
@@ -81,11 +81,13 @@ fn bump(counter: &AtomicU64, by: u64) {
 /// A virtio-net device over a frame backend.
 pub struct Net<B: FrameBackend = Tap> {
     pub iface_id: String,
+    /// The host interface the backend is, for snapshots.
+    pub(super) host_dev_name: String,
     pub(super) backend: B,
-    config: [u8; 6],
+    pub(super) config: [u8; 6],
     pub(super) common: VirtioCommon,
     rx_frame: Vec<u8>,
-    rx_pending: Option<usize>,
+    pub(super) rx_pending: Option<usize>,
     tx_frame: Vec<u8>,
     pub counters: Arc<NetCounters>,
 }
@@ -108,6 +110,7 @@ impl<B: FrameBackend> Net<B> {
         }
         Ok(Self {
             iface_id: id.clone(),
+            host_dev_name: spec.host_dev_name.clone(),
             backend,
             config: spec.guest_mac.unwrap_or_default(),
             common: VirtioCommon::new(avail_features, 2, QUEUE_SIZE)
