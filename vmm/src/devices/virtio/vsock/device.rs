@@ -3,20 +3,52 @@
 //! free of epoll: host streams are (un)watched through the [`Watcher`] they are given, so
 //! unit tests drive them with MockSplitQueue rings.
 //!
-//! The event queue is set up but never used: it carries transport resets after a snapshot
-//! restore, which Ember does not do yet.
+//! The event queue carries one event: the transport reset a device restored from a snapshot
+//! owes the guest (virtio spec 5.10.6.6). The host ends of the guest's connections did not
+//! survive the restore, so the guest must drop its connected sockets; Linux does so on the
+//! event, re-reads its CID from configuration space, and keeps its listening sockets. The
+//! event goes into the first event buffer the guest offers (Linux keeps several posted; if
+//! none is, it waits for the guest's next event-queue kick).
+//!
+//! Until the guest has handled the event, receive traffic waits: a host client that connects
+//! right after a restore would otherwise have its REQUEST reach the guest before the event,
+//! and the guest's new socket would be reset with the old ones. Linux handles events and
+//! then re-posts the buffer and kicks the event queue, and that kick ends the wait. A guest
+//! that never does is not waited for more than [`RESET_ACK_TIMEOUT`] after it was first seen
+//! running (a kick on any queue); a restored VM that stays paused is not running, so its
+//! wait does not run out meanwhile.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{Muxer, Watcher};
 use super::packet::{self, Segments, MAX_PAYLOAD};
-use super::{bump, VsockCounters, VsockError, VsockSpec, QUEUE_SIZE, RX, TX};
+use super::{bump, VsockCounters, VsockError, VsockSpec, EVQ, QUEUE_SIZE, RX, TX};
 use crate::devices::virtio::{
     read_config_bytes, VirtioCommon, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+/// Bytes of an event (`struct virtio_vsock_event`, an le32 id); Linux ignores an event
+/// whose used length is anything else.
+pub(super) const EVENT_LEN: u32 = 4;
+/// How long receive traffic waits, once the guest runs, for it to handle a transport reset.
+pub const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A restored device's transport reset, until the guest has handled it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct PendingReset {
+    /// In an event buffer; until then it waits for one.
+    pub(super) delivered: bool,
+    /// When the guest was first seen running after the restore: the wait for its
+    /// acknowledgment ends [`RESET_ACK_TIMEOUT`] later.
+    pub(super) guest_seen: Option<Instant>,
+}
 
 /// A virtio-vsock device bridged to host Unix sockets.
 pub struct Vsock {
@@ -32,6 +64,8 @@ pub struct Vsock {
     pub(super) timer_armed: bool,
     /// The driver reset the device: drop every connection on the VMM thread.
     pub(super) teardown_pending: bool,
+    /// Set on a restored running device; receive traffic waits while it is.
+    pub(super) transport_reset: Option<PendingReset>,
     pub counters: Arc<VsockCounters>,
 }
 
@@ -53,6 +87,7 @@ impl Vsock {
             timer,
             timer_armed: false,
             teardown_pending: false,
+            transport_reset: None,
             counters,
         })
     }
@@ -106,11 +141,14 @@ impl Vsock {
     }
 
     /// Fills receive buffers with what the host side has for the guest; true when the guest
-    /// should be told.
+    /// should be told. Nothing moves while a transport reset waits for the guest.
     pub fn process_rx(&mut self, watcher: &mut dyn Watcher) -> bool {
         let Some(active) = &self.common.active else {
             return false;
         };
+        if self.transport_reset.is_some() {
+            return false;
+        }
         let mem = active.mem.clone();
         let mut used_any = false;
         while self.muxer.has_rx_work() {
@@ -169,6 +207,88 @@ impl Vsock {
     }
 }
 
+impl Vsock {
+    /// Gives the guest the transport reset it is owed, in its next usable event buffer;
+    /// true when the guest should be told. Unusable buffers (read-only, too small, outside
+    /// memory) are returned empty and counted.
+    pub fn process_evq(&mut self) -> bool {
+        let owed = self.transport_reset.is_some_and(|r| !r.delivered);
+        let Some(active) = self.common.active.as_ref().filter(|_| owed) else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let mut used_any = false;
+        while let Some(chain) = self.common.queues[EVQ].pop_descriptor_chain(mem.as_ref()) {
+            let head = chain.head_index();
+            let written = write_event(&mem, chain, EVENT_TRANSPORT_RESET);
+            let len = if written { EVENT_LEN } else { 0 };
+            if self.common.queues[EVQ]
+                .add_used(mem.as_ref(), head, len)
+                .is_err()
+            {
+                bump(&self.counters.invalid_chains, 1);
+            }
+            used_any = true;
+            if written {
+                bump(&self.counters.transport_resets, 1);
+                if let Some(reset) = &mut self.transport_reset {
+                    reset.delivered = true;
+                }
+                break;
+            }
+            bump(&self.counters.invalid_chains, 1);
+        }
+        used_any
+    }
+
+    /// The guest kicked `queue` (at `now`): it runs. A kick of the event queue after the
+    /// reset was delivered is Linux saying it handled the event, which ends the wait.
+    pub(super) fn guest_kicked(&mut self, queue: usize, now: Instant) {
+        let Some(reset) = &mut self.transport_reset else {
+            return;
+        };
+        if queue == EVQ && reset.delivered {
+            self.transport_reset = None;
+        } else {
+            reset.guest_seen.get_or_insert(now);
+        }
+    }
+
+    /// Stops waiting for a guest that has run for [`RESET_ACK_TIMEOUT`] without handling
+    /// the reset (or without ever offering an event buffer for it).
+    pub(super) fn expire_reset_wait(&mut self, now: Instant) {
+        let expired = self
+            .transport_reset
+            .and_then(|r| r.guest_seen)
+            .is_some_and(|seen| now >= seen + RESET_ACK_TIMEOUT);
+        if expired {
+            self.transport_reset = None;
+        }
+    }
+
+    /// True while the wait for the guest to handle a reset needs the timer.
+    pub(super) fn reset_wait_running(&self) -> bool {
+        self.transport_reset.is_some_and(|r| r.guest_seen.is_some())
+    }
+
+    /// True while a transport reset is owed to the guest or waits for it to be handled.
+    pub fn transport_reset_pending(&self) -> bool {
+        self.transport_reset.is_some()
+    }
+}
+
+/// Writes an event with `id` into the chain's first buffer, which must be device-writable
+/// and large enough (Linux posts one 4-byte buffer per event); false when it is not.
+fn write_event(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, id: u32) -> bool {
+    let mut descriptors = chain;
+    let Some(desc) = descriptors.next() else {
+        return false;
+    };
+    desc.is_write_only()
+        && desc.len() >= EVENT_LEN
+        && mem.write_obj(id.to_le(), desc.addr()).is_ok()
+}
+
 /// The timer is read only after epoll reported it, but a disarm in between would make a
 /// blocking read wait forever.
 fn set_nonblocking(timer: &TimerFd) -> std::io::Result<()> {
@@ -205,8 +325,10 @@ impl VirtioDevice for Vsock {
     }
 
     /// Runs on a vCPU thread, which cannot touch the event loop: the connections are
-    /// dropped on the VMM thread's next event for the device.
+    /// dropped on the VMM thread's next event for the device. A transport reset still owed
+    /// goes too: a driver starting afresh has no connections and reads the CID anew.
     fn reset_device(&mut self) {
         self.teardown_pending = true;
+        self.transport_reset = None;
     }
 }

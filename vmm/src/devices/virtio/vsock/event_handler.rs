@@ -54,16 +54,23 @@ impl MutEventSubscriber for Vsock {
         let fd = events.fd();
         let now = Instant::now();
         let mut tx_used = false;
+        let mut ev_used = false;
         if self.common.handle_activation(&events, watcher.0) {
+            // A restored device's transport reset goes to the guest before anything else.
+            ev_used = self.process_evq();
             tx_used = self.process_tx(&mut watcher);
         } else if fd == self.common.queue_events[TX].as_raw_fd() {
             let _ = self.common.queue_events[TX].read();
+            self.guest_kicked(TX, now);
             tx_used = self.process_tx(&mut watcher);
         } else if fd == self.common.queue_events[RX].as_raw_fd() {
             // New receive buffers: filled below.
             let _ = self.common.queue_events[RX].read();
+            self.guest_kicked(RX, now);
         } else if fd == self.common.queue_events[EVQ].as_raw_fd() {
             let _ = self.common.queue_events[EVQ].read();
+            self.guest_kicked(EVQ, now);
+            ev_used = self.process_evq();
         } else if fd == self.timer.as_raw_fd() {
             // Non-blocking: a tick already consumed reads as WouldBlock.
             let _ = self.timer.wait();
@@ -79,8 +86,10 @@ impl MutEventSubscriber for Vsock {
             self.muxer
                 .host_event(events.data(), readable, writable, &mut watcher, now);
         }
+        self.expire_reset_wait(now);
         let rx_used = self.process_rx(&mut watcher);
-        self.common.signal_used(&[(RX, rx_used), (TX, tx_used)]);
+        self.common
+            .signal_used(&[(RX, rx_used), (TX, tx_used), (EVQ, ev_used)]);
         self.sync_timer();
     }
 }
@@ -88,7 +97,7 @@ impl MutEventSubscriber for Vsock {
 impl Vsock {
     /// Runs the timer only while something has a deadline.
     fn sync_timer(&mut self) {
-        let wanted = self.muxer.has_deadlines();
+        let wanted = self.muxer.has_deadlines() || self.reset_wait_running();
         if wanted == self.timer_armed {
             return;
         }

@@ -20,6 +20,7 @@ pub mod event_handler;
 pub mod handshake;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 pub mod unix;
 
 #[cfg(test)]
@@ -28,7 +29,8 @@ mod tests;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use device::Vsock;
+pub use device::{Vsock, RESET_ACK_TIMEOUT};
+pub use persist::{VsockArgs, VsockState, VsockStateError};
 
 use super::SetupError;
 
@@ -102,6 +104,8 @@ pub struct VsockCounters {
     pub dropped_resets: AtomicU64,
     /// Connections that timed out in their handshake.
     pub timeouts: AtomicU64,
+    /// Transport-reset events given to the guest (one per restore of a running device).
+    pub transport_resets: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {

@@ -83,6 +83,11 @@ impl Muxer {
         })
     }
 
+    /// Where host clients connect.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
     pub fn listener_fd(&self) -> RawFd {
         self.listener.as_raw_fd()
     }

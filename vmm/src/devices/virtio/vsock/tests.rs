@@ -457,6 +457,8 @@ impl<'m> World<'m> {
             .iter()
             .map(|e| e.try_clone().unwrap())
             .collect();
+        // As the driver's FEATURES_OK would have it.
+        device.common.acked_features = device.avail_features();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         device
             .activate(mem.clone(), Arc::new(Interrupt::new(irq)))
@@ -1096,3 +1098,6 @@ fn an_unusable_socket_path_is_a_config_error_naming_the_field() {
         assert!(err.to_string().starts_with("vsock.uds_path: "), "{err}");
     }
 }
+
+#[path = "persist_tests.rs"]
+mod persist;
