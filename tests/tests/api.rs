@@ -68,7 +68,10 @@ impl Ember {
         let pid = self.child.as_ref().unwrap().id();
         let mut modes = Vec::new();
         for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let status = fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            // A connection thread may end between the listing and the read.
+            let Ok(status) = fs::read_to_string(task.unwrap().path().join("status")) else {
+                continue;
+            };
             let field = |key: &str| {
                 status
                     .lines()
