@@ -6,13 +6,18 @@
 //! boot) before giving up. This device answers the controller and keyboard commands Linux
 //! sends at probe time, so the driver binds at once; the reset command ends the VM
 //! (`reboot=k`), and [`I8042::ctrl_alt_del`] types Ctrl-Alt-Del for a clean guest shutdown.
+//!
+//! Snapshots save the controller's registers, the bytes waiting for the guest and what the
+//! next data byte means ([`I8042State`]).
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use super::EventFdTrigger;
 use crate::devices::BusDevice;
+use crate::snapshot::Persist;
 
 /// The controller's port range starts at 0x60; the command port is 0x64 (offset 4).
 pub const I8042_BASE: u64 = 0x60;
@@ -80,8 +85,8 @@ const CTRL_ALT_DEL: [u8; 11] = [
 const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
 
 /// What the next byte written to the data port means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pending {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pending {
     None,
     ControlByte,
     OutputPort,
@@ -219,6 +224,70 @@ impl I8042 {
     }
 }
 
+/// The controller as saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The control register ("command byte").
+    pub control: u8,
+    /// The status register's stored bits (output-buffer-full follows `output`).
+    pub status_flags: u8,
+    pub outport: u8,
+    /// Bytes the guest has yet to read, oldest first.
+    pub output: Vec<u8>,
+    pub pending: Pending,
+}
+
+/// What restoring the controller needs: the same two lines as [`I8042::new`].
+pub struct I8042Args {
+    pub reset: EventFdTrigger,
+    pub kbd_irq: EventFdTrigger,
+}
+
+/// Why a saved controller cannot be restored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum I8042StateError {
+    #[error("the i8042's saved output buffer holds {0} bytes, more than its {OUTPUT_CAPACITY}; the snapshot state is damaged")]
+    OutputOverflow(usize),
+    #[error("the i8042's saved status {0:#04x} has bits the controller does not store; the snapshot state is damaged")]
+    StatusBits(u8),
+}
+
+const STORED_STATUS: u8 = SB_SYSTEM_FLAG | SB_LAST_WAS_COMMAND | SB_KBD_NOT_INHIBITED;
+
+/// The controller. No interrupt is raised on restore: one the guest had not taken yet is in
+/// the restored interrupt controller, and the guest polls the status port anyway.
+impl Persist for I8042 {
+    type State = I8042State;
+    type Args = I8042Args;
+    type Error = I8042StateError;
+
+    fn save(&self) -> Result<I8042State, I8042StateError> {
+        Ok(I8042State {
+            control: self.control,
+            status_flags: self.status_flags,
+            outport: self.outport,
+            output: self.output.iter().copied().collect(),
+            pending: self.pending,
+        })
+    }
+
+    fn restore(args: I8042Args, state: &I8042State) -> Result<Self, I8042StateError> {
+        if state.output.len() > OUTPUT_CAPACITY {
+            return Err(I8042StateError::OutputOverflow(state.output.len()));
+        }
+        if state.status_flags & !STORED_STATUS != 0 {
+            return Err(I8042StateError::StatusBits(state.status_flags));
+        }
+        let mut dev = I8042::new(args.reset, args.kbd_irq);
+        dev.control = state.control;
+        dev.status_flags = state.status_flags;
+        dev.outport = state.outport;
+        dev.output.extend(&state.output);
+        dev.pending = state.pending;
+        Ok(dev)
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {
@@ -347,6 +416,75 @@ mod tests {
             r.dev.ctrl_alt_del();
         }
         assert_eq!(r.read_all().len(), OUTPUT_CAPACITY);
+    }
+
+    fn round_trip(state: &I8042State) -> I8042State {
+        let bytes = crate::snapshot::encode(state, 0).unwrap();
+        crate::snapshot::decode(&bytes, std::path::Path::new("t"))
+            .unwrap()
+            .1
+    }
+
+    fn restored(state: &I8042State) -> Result<Rig, I8042StateError> {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let args = I8042Args {
+            reset: EventFdTrigger(reset.try_clone().unwrap()),
+            kbd_irq: EventFdTrigger(irq.try_clone().unwrap()),
+        };
+        let dev = I8042::restore(args, state)?;
+        Ok(Rig { dev, reset, irq })
+    }
+
+    #[test]
+    fn a_controller_mid_command_round_trips() {
+        let mut r = rig();
+        // Translation off, keyboard answers waiting, and a parameter byte expected next.
+        r.command(CMD_WRITE_CTR);
+        r.data(CB_KBD_INT | CB_SYSTEM_FLAG);
+        r.data(KBD_GET_ID);
+        r.data(KBD_SET_LEDS);
+        let saved = r.dev.save().unwrap();
+        assert_eq!(saved.pending, Pending::KbdParameter);
+        assert_eq!(saved.output, vec![KBD_ACK, 0xab, 0x83, KBD_ACK]);
+        let decoded = round_trip(&saved);
+        assert_eq!(decoded, saved);
+        let mut back = restored(&decoded).unwrap();
+        assert_eq!(back.dev.save().unwrap(), saved);
+        assert!(back.irq.read().is_err(), "no interrupt on restore");
+        assert_eq!(back.status() & SB_OUT_FULL, SB_OUT_FULL);
+        back.data(0x07);
+        assert_eq!(back.read_all(), vec![KBD_ACK, 0xab, 0x83, KBD_ACK, KBD_ACK]);
+        back.dev.ctrl_alt_del();
+        assert_eq!(back.read_all().len(), 11, "set 2, as the guest configured");
+        back.command(CMD_RESET_CPU);
+        assert_eq!(back.reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn damaged_controller_states_are_refused() {
+        let saved = rig().dev.save().unwrap();
+        let mut bad = saved.clone();
+        bad.output = vec![0; OUTPUT_CAPACITY + 1];
+        assert_eq!(
+            restored(&bad).err(),
+            Some(I8042StateError::OutputOverflow(OUTPUT_CAPACITY + 1))
+        );
+        let mut bad = saved.clone();
+        bad.status_flags |= SB_OUT_FULL;
+        let err = restored(&bad).err().unwrap();
+        assert_eq!(err, I8042StateError::StatusBits(bad.status_flags));
+        assert!(err.to_string().contains("snapshot state is damaged"));
+        // Every control and output-port byte is one the guest could write.
+        let mut odd = saved;
+        odd.control = 0xff;
+        odd.outport = 0;
+        let mut r = restored(&odd).unwrap();
+        r.data(KBD_ECHO);
+        assert!(
+            r.irq.read().is_err(),
+            "keyboard disabled by the control byte"
+        );
     }
 
     #[test]

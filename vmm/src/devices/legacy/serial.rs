@@ -5,20 +5,26 @@
 //! Input flow control: when the guest's FIFO is full, stdin is dropped from the epoll set
 //! until the guest drains the FIFO (vm-superio's `in_buffer_empty` event), so a fast writer
 //! on stdin neither spins the loop nor loses bytes.
+//!
+//! Snapshots save the UART's registers and the bytes waiting in its receive FIFO
+//! ([`SerialConsoleState`], vm-superio's `SerialState` with serde); output has no state, as
+//! every byte the guest writes goes straight to the writer.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialEvents;
-use vm_superio::Serial;
+use vm_superio::{Serial, SerialState};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
 use crate::devices::bus::lock;
 use crate::devices::BusDevice;
+use crate::snapshot::Persist;
 
 /// COM1.
 pub const SERIAL_BASE: u64 = 0x3f8;
@@ -82,6 +88,107 @@ impl BusDevice for SerialConsole {
         };
         // Output errors (stdout closed) must not stop the guest: the byte is dropped.
         let _ = self.uart.write(offset, *value);
+    }
+}
+
+/// Bytes the UART's receive FIFO holds (vm-superio's, which it does not export).
+pub const FIFO_SIZE: usize = 64;
+
+/// The UART as saved: its registers and the received bytes the guest has not read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialConsoleState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialConsoleState> for SerialState {
+    fn from(s: &SerialConsoleState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// What restoring the UART needs: the same three things as [`SerialConsole::new`].
+pub struct SerialArgs {
+    /// The irqfd of IRQ 4.
+    pub interrupt: EventFdTrigger,
+    /// Signalled when the guest empties the receive FIFO.
+    pub input_ready: EventFd,
+    pub out: Box<dyn Write + Send>,
+}
+
+/// Why the UART cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    #[error("the serial port's saved receive FIFO holds {0} bytes, more than the {FIFO_SIZE} it has room for; the snapshot state is damaged")]
+    FifoOverflow(usize),
+    #[error("cannot raise the restored serial port's interrupt: {0}")]
+    Interrupt(io::Error),
+}
+
+/// The UART. Any register values restore (they are bytes the guest could have written);
+/// only a FIFO longer than the UART's is refused. vm-superio raises the interrupt again on
+/// restore when one is pending and enabled, which the guest's driver takes as any other.
+impl Persist for SerialConsole {
+    type State = SerialConsoleState;
+    type Args = SerialArgs;
+    type Error = SerialStateError;
+
+    fn save(&self) -> Result<SerialConsoleState, SerialStateError> {
+        Ok(self.uart.state().into())
+    }
+
+    fn restore(args: SerialArgs, state: &SerialConsoleState) -> Result<Self, SerialStateError> {
+        if state.in_buffer.len() > FIFO_SIZE {
+            return Err(SerialStateError::FifoOverflow(state.in_buffer.len()));
+        }
+        let events = InputReady(args.input_ready);
+        let uart = Serial::from_state(&state.into(), args.interrupt, events, args.out).map_err(
+            |e| match e {
+                vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
+                    SerialStateError::Interrupt(e)
+                }
+                vm_superio::serial::Error::FullFifo => {
+                    SerialStateError::FifoOverflow(state.in_buffer.len())
+                }
+            },
+        )?;
+        Ok(Self { uart })
     }
 }
 
@@ -216,6 +323,98 @@ mod tests {
             dev.lock().unwrap().write(0, &[*b]);
         }
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+    }
+
+    fn restore_args(out: SharedBuf) -> (SerialArgs, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let args = SerialArgs {
+            interrupt: EventFdTrigger(irq.try_clone().unwrap()),
+            input_ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            out: Box::new(out),
+        };
+        (args, irq)
+    }
+
+    fn round_trip(state: &SerialConsoleState) -> SerialConsoleState {
+        let bytes = crate::snapshot::encode(state, 0).unwrap();
+        crate::snapshot::decode(&bytes, std::path::Path::new("t"))
+            .unwrap()
+            .1
+    }
+
+    #[test]
+    fn registers_and_waiting_input_round_trip() {
+        let (dev, _irq, _ready) = console(SharedBuf::default());
+        let mut d = dev.lock().unwrap();
+        // The guest sets 8N1 at 115200 (DLAB, divisor 1), a scratch byte and the receive
+        // interrupt; the host typed three bytes the guest has not read.
+        d.write(3, &[0x83]);
+        d.write(0, &[1]);
+        d.write(1, &[0]);
+        d.write(3, &[0x03]);
+        d.write(7, &[0x5a]);
+        d.write(1, &[0x01]);
+        d.enqueue(b"abc");
+        let saved = d.save().unwrap();
+        assert_eq!(saved.in_buffer, b"abc");
+        assert_eq!((saved.line_control, saved.scratch), (0x03, 0x5a));
+        let decoded = round_trip(&saved);
+        assert_eq!(decoded, saved);
+
+        let out = SharedBuf::default();
+        let (args, irq) = restore_args(out.clone());
+        let mut restored = SerialConsole::restore(args, &decoded).unwrap();
+        assert_eq!(restored.save().unwrap(), saved);
+        assert_eq!(
+            irq.read().unwrap(),
+            1,
+            "data waits and its interrupt is enabled"
+        );
+        let mut byte = [0u8];
+        for expected in b"abc" {
+            restored.read(0, &mut byte);
+            assert_eq!(byte[0], *expected);
+        }
+        restored.write(0, b"!");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"!");
+    }
+
+    #[test]
+    fn an_overfull_fifo_is_refused_and_odd_registers_are_harmless() {
+        let (dev, _irq, _ready) = console(SharedBuf::default());
+        let saved = dev.lock().unwrap().save().unwrap();
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![b'x'; FIFO_SIZE + 1];
+        let (args, _irq) = restore_args(SharedBuf::default());
+        let err = SerialConsole::restore(args, &bad).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "the serial port's saved receive FIFO holds 65 bytes, more than the 64 it has \
+             room for; the snapshot state is damaged"
+        );
+        for value in [0x00, 0x5a, 0xa5, 0xff] {
+            let odd = SerialConsoleState {
+                baud_divisor_low: value,
+                baud_divisor_high: value,
+                interrupt_enable: value,
+                interrupt_identification: value,
+                line_control: value,
+                line_status: value,
+                modem_control: value,
+                modem_status: value,
+                scratch: value,
+                in_buffer: vec![value; FIFO_SIZE],
+            };
+            let (args, _irq) = restore_args(SharedBuf::default());
+            let mut dev = SerialConsole::restore(args, &odd).unwrap();
+            let mut byte = [0u8];
+            for offset in 0..SERIAL_LEN {
+                dev.read(offset, &mut byte);
+                dev.write(offset, &[value]);
+            }
+            let room = dev.fifo_capacity();
+            assert_eq!(dev.enqueue(&[1; 100]), room.min(100));
+        }
     }
 
     #[test]
