@@ -15,7 +15,7 @@
 //!
 //! Restoring checks the whole list (layout, identities, overrides) before it creates
 //! anything, then restores each device before its transport (the transport checks its
-//! registers against the device). Devices must be restored after the VM's interrupt
+//! registers against the device), and places them on the bus once all are restored. Devices must be restored after the VM's interrupt
 //! controllers (`KvmVm::set_state`), so that an interrupt a device raises lands in the
 //! restored controllers rather than being overwritten by them; and saved from the VMM
 //! thread with the vCPUs paused and before the VM's state, so that no queue is being served
@@ -361,8 +361,11 @@ impl MmioDeviceManager {
     }
 
     /// Rebuilds saved devices on `buses` and `vm`, each at its saved window and IRQ, with
-    /// `overrides` applied. Everything is checked before anything is created; the restored
-    /// devices still need their event handlers registered ([`Self::devices`]).
+    /// `overrides` applied. The list and the overrides are checked first, then every device
+    /// and transport is restored, and only then is anything placed on the bus, so a damaged
+    /// state, a missing disk or TAP leaves the bus as it was. (A KVM or bus failure while
+    /// placing can leave earlier devices placed; the caller discards the VM then.) The
+    /// restored devices still need their event handlers registered ([`Self::devices`]).
     pub fn restore(
         vm: &KvmVm,
         buses: &mut Buses,
@@ -372,11 +375,16 @@ impl MmioDeviceManager {
     ) -> Result<Self, DeviceStateError> {
         check_layout(states)?;
         check_overrides(states, overrides)?;
+        let restored = states
+            .iter()
+            .map(|state| {
+                let interrupt = line_interrupt(vm, &state.id().to_string(), state.irq)?;
+                restore_device(state, mem, interrupt, overrides)
+            })
+            .collect::<Result<Vec<_>, DeviceStateError>>()?;
         let mut manager = Self::new();
-        for state in states {
+        for (state, (device, transport)) in states.iter().zip(restored) {
             let name = state.id().to_string();
-            let interrupt = line_interrupt(vm, &name, state.irq)?;
-            let (device, transport) = restore_device(state, mem, interrupt, overrides)?;
             manager.place(vm, buses, &name, (state.base, state.irq), transport, device)?;
         }
         Ok(manager)
@@ -868,6 +876,20 @@ mod tests {
             err.starts_with("drive root: cannot reopen its disk image"),
             "{err}"
         );
+        // A failure in a later device places the earlier ones neither.
+        std::fs::write(dir.join("root.img"), vec![0u8; 64 << 10]).unwrap();
+        let VirtioDeviceState::Vsock(vsock) = &mut list[1].device else {
+            panic!("the vsock device is second");
+        };
+        vsock.guest_cid = 1;
+        let err = MmioDeviceManager::restore(&vm.vm, &mut buses, &mem, &list, &Default::default())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, DeviceStateError::Vsock(VsockStateError::SavedCid(1))),
+            "{err}"
+        );
+        assert!(!buses.mmio.read(0xd000_0000, &mut [0u8; 4]));
     }
 
     #[test]
