@@ -16,7 +16,8 @@
 //! then re-posts the buffer and kicks the event queue, and that kick ends the wait. A guest
 //! that never does is not waited for more than [`RESET_ACK_TIMEOUT`] after it was first seen
 //! running (a kick on any queue); a restored VM that stays paused is not running, so its
-//! wait does not run out meanwhile.
+//! wait does not run out meanwhile. A reset not delivered by then is still delivered when
+//! the guest offers a buffer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,6 +49,8 @@ pub(super) struct PendingReset {
     /// When the guest was first seen running after the restore: the wait for its
     /// acknowledgment ends [`RESET_ACK_TIMEOUT`] later.
     pub(super) guest_seen: Option<Instant>,
+    /// The wait ran out: receive traffic moves, though the reset may still be owed.
+    pub(super) released: bool,
 }
 
 /// A virtio-vsock device bridged to host Unix sockets.
@@ -64,7 +67,7 @@ pub struct Vsock {
     pub(super) timer_armed: bool,
     /// The driver reset the device: drop every connection on the VMM thread.
     pub(super) teardown_pending: bool,
-    /// Set on a restored running device; receive traffic waits while it is.
+    /// Set on a restored running device until the guest has handled the reset.
     pub(super) transport_reset: Option<PendingReset>,
     pub counters: Arc<VsockCounters>,
 }
@@ -146,7 +149,7 @@ impl Vsock {
         let Some(active) = &self.common.active else {
             return false;
         };
-        if self.transport_reset.is_some() {
+        if self.rx_held() {
             return false;
         }
         let mem = active.mem.clone();
@@ -254,24 +257,38 @@ impl Vsock {
         }
     }
 
-    /// Stops waiting for a guest that has run for [`RESET_ACK_TIMEOUT`] without handling
-    /// the reset (or without ever offering an event buffer for it).
+    /// Stops holding receive traffic for a guest that has run for [`RESET_ACK_TIMEOUT`]
+    /// without handling the reset (or without offering an event buffer for it; the reset
+    /// stays owed then).
     pub(super) fn expire_reset_wait(&mut self, now: Instant) {
-        let expired = self
-            .transport_reset
-            .and_then(|r| r.guest_seen)
+        let Some(reset) = &mut self.transport_reset else {
+            return;
+        };
+        let expired = reset
+            .guest_seen
             .is_some_and(|seen| now >= seen + RESET_ACK_TIMEOUT);
-        if expired {
-            self.transport_reset = None;
+        if !expired {
+            return;
         }
+        if reset.delivered {
+            self.transport_reset = None;
+        } else {
+            reset.released = true;
+        }
+    }
+
+    /// True while receive traffic waits for the guest to handle a transport reset.
+    pub fn rx_held(&self) -> bool {
+        self.transport_reset.is_some_and(|r| !r.released)
     }
 
     /// True while the wait for the guest to handle a reset needs the timer.
     pub(super) fn reset_wait_running(&self) -> bool {
-        self.transport_reset.is_some_and(|r| r.guest_seen.is_some())
+        self.transport_reset
+            .is_some_and(|r| r.guest_seen.is_some() && !r.released)
     }
 
-    /// True while a transport reset is owed to the guest or waits for it to be handled.
+    /// True while a transport reset is owed to the guest or not yet handled by it.
     pub fn transport_reset_pending(&self) -> bool {
         self.transport_reset.is_some()
     }
