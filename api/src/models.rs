@@ -258,6 +258,103 @@ impl VsockConfig {
     }
 }
 
+/// `logger` / `PUT /logger`: where Ember's own log lines go, and which.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// A file (appended to) or FIFO; Ember's log lines go there instead of stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<PathBuf>,
+    /// The least severe level written; `Info` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Prefix each line with its level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Prefix each line with the part of Ember that wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Firecracker's module filter; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+impl LoggerConfig {
+    /// Checks what does not need the host; opening the file is the logger's business.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self
+            .log_path
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("logger.log_path".into(), "empty path"));
+        }
+        Ok(())
+    }
+}
+
+/// Log levels, most severe first, as Firecracker spells them; parsed in any case, and
+/// `Warn` for `Warning`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warning,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    const ALL: [LogLevel; 6] = [
+        LogLevel::Off,
+        LogLevel::Error,
+        LogLevel::Warning,
+        LogLevel::Info,
+        LogLevel::Debug,
+        LogLevel::Trace,
+    ];
+
+    /// Parses a level's name, in any case.
+    pub fn from_name(name: &str) -> Option<Self> {
+        if name.eq_ignore_ascii_case("warn") {
+            return Some(LogLevel::Warning);
+        }
+        Self::ALL
+            .into_iter()
+            .find(|level| name.eq_ignore_ascii_case(&format!("{level:?}")))
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        LogLevel::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown level {name:?}; use Off, Error, Warning, Info, Debug or Trace"
+            ))
+        })
+    }
+}
+
+/// `metrics` / `PUT /metrics`: where metrics lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A file (appended to) or FIFO that receives one JSON object per line.
+    pub metrics_path: PathBuf,
+}
+
+impl MetricsConfig {
+    /// Checks what does not need the host; opening the file is the metrics sink's business.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.metrics_path.as_os_str().is_empty() {
+            return Err(invalid("metrics.metrics_path".into(), "empty path"));
+        }
+        Ok(())
+    }
+}
+
 /// The most virtio devices a guest can have: one IOAPIC pin each, from GSI 5 to 23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
@@ -353,10 +450,11 @@ pub struct VmConfig {
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// Applied before the other sections, so that what they do is logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logger: Option<serde_json::Value>,
+    pub logger: Option<LoggerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<serde_json::Value>,
+    pub metrics: Option<MetricsConfig>,
     #[serde(
         rename = "mmds-config",
         default,
@@ -393,8 +491,6 @@ impl VmConfig {
         boot.validate()?;
         self.validate_present()?;
         let unsupported = [
-            ("logger", self.logger.is_some()),
-            ("metrics", self.metrics.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
             ("balloon", self.balloon.is_some()),
             ("entropy", self.entropy.is_some()),
@@ -410,6 +506,12 @@ impl VmConfig {
     pub fn validate_present(&self) -> Result<(), ModelError> {
         if let Some(boot) = &self.boot_source {
             boot.validate()?;
+        }
+        if let Some(logger) = &self.logger {
+            logger.validate()?;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.validate()?;
         }
         self.machine_config.validate()?;
         validate_drives(&self.drives)?;
@@ -778,9 +880,72 @@ mod tests {
     }
 
     #[test]
+    fn logger_and_metrics_sections_parse_as_the_api_bodies() {
+        let c = parse(&format!(
+            r#"{{{KERNEL}, "logger": {{"log_path": "/l", "level": "debug", "show_level": true,
+                "show_log_origin": false, "module": "api_server"}},
+                "metrics": {{"metrics_path": "/m"}}}}"#
+        ))
+        .unwrap();
+        let logger = c.logger.unwrap();
+        assert_eq!(logger.log_path, Some(PathBuf::from("/l")));
+        assert_eq!(logger.level, Some(LogLevel::Debug));
+        assert_eq!(
+            (logger.show_level, logger.show_log_origin),
+            (Some(true), Some(false))
+        );
+        assert_eq!(c.metrics.unwrap().metrics_path, PathBuf::from("/m"));
+        // Every logger field is optional, as in PUT /logger.
+        let c = parse(&format!(r#"{{{KERNEL}, "logger": {{}}}}"#)).unwrap();
+        assert_eq!(c.logger, Some(LoggerConfig::default()));
+    }
+
+    #[test]
+    fn logger_and_metrics_errors_name_the_field() {
+        let cases = [
+            (
+                r#""logger": {"log_path": "/l", "colour": true}"#,
+                "logger.colour: unknown field `colour`, expected one of `log_path`, `level`, \
+                 `show_level`, `show_log_origin`, `module` at line 1 column 82",
+            ),
+            (
+                r#""logger": {"level": "Loud"}"#,
+                "logger.level: unknown level \"Loud\"; use Off, Error, Warning, Info, Debug \
+                 or Trace at line 1 column 72",
+            ),
+            (
+                r#""logger": {"show_level": "yes"}"#,
+                "logger.show_level: invalid type: string \"yes\", expected a boolean at line 1 \
+                 column 75",
+            ),
+            (
+                r#""logger": {"log_path": ""}"#,
+                "logger.log_path: empty path",
+            ),
+            (
+                r#""metrics": {"metrics_path": "/m", "format": "json"}"#,
+                "metrics.format: unknown field `format`, expected `metrics_path` at line 1 \
+                 column 87",
+            ),
+            (
+                r#""metrics": {}"#,
+                "metrics: missing field `metrics_path` at line 1 column 58",
+            ),
+            (
+                r#""metrics": {"metrics_path": ""}"#,
+                "metrics.metrics_path: empty path",
+            ),
+        ];
+        for (section, expected) in cases {
+            let err = parse(&format!("{{{KERNEL}, {section}}}")).unwrap_err();
+            assert_eq!(err.to_string(), expected, "{section}");
+        }
+    }
+
+    #[test]
     fn config_round_trips() {
         let c = parse(&format!(
-            r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}}, "vsock": {{"guest_cid": 7, "uds_path": "/v"}}}}"#
+            r#"{{{KERNEL}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256}}, "vsock": {{"guest_cid": 7, "uds_path": "/v"}}, "logger": {{"log_path": "/l", "level": "Info"}}, "metrics": {{"metrics_path": "/m"}}}}"#
         ))
         .unwrap();
         let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();

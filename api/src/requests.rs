@@ -1,6 +1,6 @@
 //! The API socket's requests in Firecracker's dialect: routing (method and path to a
-//! [`VmmAction`]), the bodies only the API has (actions, VM state, logger, metrics, PATCH
-//! bodies), and the VMM's answers. The config file becomes the same actions
+//! [`VmmAction`]), the bodies only the API has (actions, VM state, PATCH bodies), and the
+//! VMM's answers. The config file becomes the same actions
 //! ([`actions_from_config`]), so both paths meet in one handler on the VMM thread.
 
 use std::path::PathBuf;
@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::Response;
 use crate::models::{BootSource, Drive, MachineConfig, NetworkInterface, VmConfig, VsockConfig};
+// The logger and metrics bodies are config file sections too, so they live with the models.
+pub use crate::models::{LogLevel, LoggerConfig, MetricsConfig};
 
 /// What the API (or the config file) asks the VMM to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,51 +166,6 @@ pub struct NetworkInterfacePatch {
     pub tx_rate_limiter: Option<serde_json::Value>,
 }
 
-/// `PUT /logger`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoggerConfig {
-    /// A file or FIFO; Ember's log lines go there instead of stderr.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_path: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub level: Option<LogLevel>,
-    /// Prefix each line with its level.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub show_level: Option<bool>,
-    /// Prefix each line with the part of Ember that wrote it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub show_log_origin: Option<bool>,
-    /// Firecracker's module filter; accepted and ignored.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<String>,
-}
-
-/// Log levels, most severe first, as Firecracker spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum LogLevel {
-    #[serde(alias = "off", alias = "OFF")]
-    Off,
-    #[serde(alias = "error", alias = "ERROR")]
-    Error,
-    #[serde(alias = "warning", alias = "WARNING", alias = "Warn", alias = "warn")]
-    Warning,
-    #[serde(alias = "info", alias = "INFO")]
-    Info,
-    #[serde(alias = "debug", alias = "DEBUG")]
-    Debug,
-    #[serde(alias = "trace", alias = "TRACE")]
-    Trace,
-}
-
-/// `PUT /metrics`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// A file (appended to) or FIFO that receives one JSON object per line.
-    pub metrics_path: PathBuf,
-}
-
 /// Why a request matched no action: the HTTP status and the fault message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -335,9 +292,11 @@ fn same_id(field: &str, in_path: &str, in_body: &str) -> Result<(), RouteError> 
 }
 
 /// The actions that configure what `config` describes, in a fixed order (logger and
-/// metrics first, so that the rest is logged), without `InstanceStart`.
+/// metrics first, so that the rest is logged and counted), without `InstanceStart`.
 pub fn actions_from_config(config: &VmConfig) -> Vec<VmmAction> {
     let mut actions = Vec::new();
+    actions.extend(config.logger.clone().map(VmmAction::PutLogger));
+    actions.extend(config.metrics.clone().map(VmmAction::PutMetrics));
     if let Some(boot) = &config.boot_source {
         actions.push(VmmAction::PutBootSource(boot.clone()));
     }

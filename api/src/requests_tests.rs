@@ -192,6 +192,8 @@ fn log_levels_accept_firecracker_spellings() {
         ("\"warn\"", LogLevel::Warning),
         ("\"info\"", LogLevel::Info),
         ("\"Off\"", LogLevel::Off),
+        ("\"TRACE\"", LogLevel::Trace),
+        ("\"Error\"", LogLevel::Error),
     ] {
         assert_eq!(serde_json::from_str::<LogLevel>(text).unwrap(), level);
     }
@@ -203,15 +205,70 @@ fn config_file_becomes_the_same_actions() {
     let config = VmConfig::from_json(
         r#"{"boot-source": {"kernel_image_path": "/k"},
             "drives": [{"drive_id": "r", "path_on_host": "/r", "is_root_device": true}],
-            "vsock": {"guest_cid": 3, "uds_path": "/v"}}"#,
+            "vsock": {"guest_cid": 3, "uds_path": "/v"},
+            "metrics": {"metrics_path": "/m"},
+            "logger": {"log_path": "/l", "level": "Info", "show_level": true}}"#,
     )
     .unwrap();
     let actions = actions_from_config(&config);
-    assert!(matches!(actions[0], VmmAction::PutBootSource(_)));
-    assert!(matches!(actions[1], VmmAction::PutMachineConfig(_)));
-    assert!(matches!(actions[2], VmmAction::PutDrive(_)));
-    assert!(matches!(actions[3], VmmAction::PutVsock(_)));
-    assert_eq!(actions.len(), 4);
+    // Logger and metrics first, as the same actions PUT /logger and PUT /metrics become.
+    let logger = route(
+        "PUT",
+        "/logger",
+        br#"{"log_path": "/l", "level": "Info", "show_level": true}"#,
+    )
+    .unwrap();
+    let metrics = route("PUT", "/metrics", br#"{"metrics_path": "/m"}"#).unwrap();
+    assert_eq!(actions[..2], [logger, metrics]);
+    assert!(matches!(actions[2], VmmAction::PutBootSource(_)));
+    assert!(matches!(actions[3], VmmAction::PutMachineConfig(_)));
+    assert!(matches!(actions[4], VmmAction::PutDrive(_)));
+    assert!(matches!(actions[5], VmmAction::PutVsock(_)));
+    assert_eq!(actions.len(), 6);
+}
+
+#[test]
+fn logger_and_metrics_bodies_fail_alike_in_the_api_and_the_config_file() {
+    let cases = [
+        (
+            "/logger",
+            "logger",
+            r#"{"log_path": "/l", "colour": true}"#,
+            "logger.colour: unknown field `colour`, expected one of `log_path`, `level`, \
+             `show_level`, `show_log_origin`, `module`",
+        ),
+        (
+            "/logger",
+            "logger",
+            r#"{"level": "Loud"}"#,
+            "logger.level: unknown level \"Loud\"; use Off, Error, Warning, Info, Debug or Trace",
+        ),
+        (
+            "/metrics",
+            "metrics",
+            r#"{"metrics_path": "/m", "format": "json"}"#,
+            "metrics.format: unknown field `format`, expected `metrics_path`",
+        ),
+        (
+            "/metrics",
+            "metrics",
+            r#"{}"#,
+            "metrics: missing field `metrics_path`",
+        ),
+    ];
+    for (path, section, body, expected) in cases {
+        let api = fault("PUT", path, body);
+        assert_eq!(api.status, 400);
+        let file = VmConfig::from_json(&format!(r#"{{"{section}": {body}}}"#))
+            .unwrap_err()
+            .to_string();
+        // Only the position in the text differs.
+        for message in [&api.message, &file] {
+            let (text, position) = message.split_once(" at line 1 column ").unwrap();
+            assert_eq!(text, expected, "{path}: {message}");
+            assert!(position.parse::<u32>().is_ok(), "{message}");
+        }
+    }
 }
 
 #[test]

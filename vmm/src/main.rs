@@ -2,20 +2,22 @@
 //!
 //! With `--api-sock PATH` the VM is configured and driven over the API socket
 //! ([`vmm::rpc`]); a `--config-file` then pre-configures it through the same actions and
-//! boots it at once. With `--no-api --config-file PATH` there is no socket.
+//! boots it at once. With `--no-api --config-file PATH` there is no socket: the same
+//! controller and loop run without the API thread, so the file's `logger` and `metrics`
+//! sections mean the same on both paths (metrics lines every 60 s and as the VM ends).
 //!
 //! Exit codes: 0 the guest stopped itself (power-off, reboot); 1 the VM failed while being
 //! built or run; 2 the command line or configuration is wrong (the message names the flag,
 //! field or file); 148 a thread made a system call its seccomp filter forbids (the line on
 //! stderr names the thread and the call; see [`vmm::seccomp`]).
 
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc::channel;
 use std::time::Instant;
 
-use api::models::VmConfig;
-use api::requests::LogLevel;
+use api::models::{LogLevel, VmConfig};
 use clap::Parser;
 use vmm::rpc::{self, logger, server, Controller, Launcher, PreconfigureError, RunError};
 use vmm::{seccomp, VmOutcome, Vmm, VmmError, VmmOptions};
@@ -116,15 +118,13 @@ fn run(cli: &Cli, process_start: Instant) -> Result<VmOutcome, Failure> {
     match (cli.api_sock.as_deref(), cli.no_api) {
         (Some(socket), _) => {
             let config = config_file.map(read_config).transpose()?;
-            serve_api(cli, socket, config, options)
+            run_vmm(cli, Some(socket), config, options)
         }
         (None, true) => {
             let path = config_file
                 .ok_or_else(|| Failure::Config("--no-api needs --config-file PATH".into()))?;
             let config = read_config(path)?;
-            let vmm =
-                Vmm::build(&config, options, Box::new(std::io::stdout())).map_err(Failure::Vmm)?;
-            vmm.run().map_err(Failure::Vmm)
+            run_vmm(cli, None, Some(config), options)
         }
         (None, false) => Err(Failure::Config(
             "give --api-sock PATH to serve the API, or --no-api --config-file PATH to boot \
@@ -139,7 +139,7 @@ fn read_config(path: &Path) -> Result<VmConfig, Failure> {
         .map_err(|e| Failure::Config(format!("cannot read config file {}: {e}", path.display())))?;
     let config = VmConfig::from_json(&text)
         .map_err(|e| Failure::Config(format!("config file {}: {e}", path.display())))?;
-    // Unsupported sections are refused here, as without the API; the rest is checked
+    // Unsupported sections are refused here, before anything happens; the rest is checked
     // section by section as the config becomes actions.
     config
         .validate()
@@ -147,33 +147,25 @@ fn read_config(path: &Path) -> Result<VmConfig, Failure> {
     Ok(config)
 }
 
-/// Serves the API socket and runs the VM once started; `config` boots it at once.
-fn serve_api(
+/// Runs the VMM thread's loop: with `socket`, the API thread serves it; `config` boots the
+/// VM at once. `--no-api` is the same without the API thread, so the config file, metrics
+/// and logger work the same way on both.
+fn run_vmm(
     cli: &Cli,
-    socket: &Path,
+    socket: Option<&Path>,
     config: Option<VmConfig>,
     options: VmmOptions,
 ) -> Result<VmOutcome, Failure> {
-    let listener = server::bind(socket).map_err(|e| Failure::Config(e.to_string()))?;
-    let wake = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| Failure::Vmm(VmmError::EventFd("API requests", e)))?;
-    let vmm_wake = wake
-        .try_clone()
-        .map_err(|e| Failure::Vmm(VmmError::EventFd("API requests", e)))?;
-    let launch: Launcher<Vmm> = Box::new(move |config| {
-        let mut vmm = Vmm::build(config, options, Box::new(std::io::stdout()))?;
-        let wake = vmm_wake
-            .try_clone()
-            .map_err(|e| VmmError::EventFd("API requests", e))?;
-        vmm.add_wakeup(wake);
-        vmm.start()?;
-        Ok(vmm)
-    });
-    let mut controller = Controller::new(cli.id.clone(), launch);
+    let api = socket.map(ApiSocket::bind).transpose()?;
+    let wake = api.as_ref().map(|a| a.wake_for_vmm()).transpose()?;
+    let mut controller = Controller::new(cli.id.clone(), launcher(options, wake));
+    // Without the API thread the sender is dropped: no request ever arrives.
     let (requests_tx, requests) = channel();
-    let counters = controller.metrics().api.clone();
-    server::spawn(listener, requests_tx, wake, counters)
-        .map_err(|e| Failure::Host(e.to_string()))?;
+    if let Some(api) = api {
+        let counters = controller.metrics().api.clone();
+        server::spawn(api.listener, requests_tx, api.wake, counters)
+            .map_err(|e| Failure::Host(e.to_string()))?;
+    }
     if let Some(config) = config {
         rpc::preconfigure(&mut controller, &config).map_err(|e| match e {
             PreconfigureError::Refused(fault) => Failure::Config(fault.0),
@@ -183,5 +175,43 @@ fn serve_api(
     rpc::run(&mut controller, &requests).map_err(|e| match e {
         RunError::Vmm(e) => Failure::Vmm(e),
         RunError::ApiGone => Failure::Host(e.to_string()),
+    })
+}
+
+/// The API socket, and the eventfd its thread writes after each request.
+struct ApiSocket {
+    listener: UnixListener,
+    wake: EventFd,
+}
+
+impl ApiSocket {
+    fn bind(socket: &Path) -> Result<Self, Failure> {
+        let listener = server::bind(socket).map_err(|e| Failure::Config(e.to_string()))?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Failure::Vmm(VmmError::EventFd("API requests", e)))?;
+        Ok(Self { listener, wake })
+    }
+
+    /// The VMM's copy of the request signal, for its event loop to wake on.
+    fn wake_for_vmm(&self) -> Result<EventFd, Failure> {
+        self.wake
+            .try_clone()
+            .map_err(|e| Failure::Vmm(VmmError::EventFd("API requests", e)))
+    }
+}
+
+/// Builds and starts the VM on InstanceStart; `wake` (the API's request signal) wakes its
+/// event loop.
+fn launcher(options: VmmOptions, wake: Option<EventFd>) -> Launcher<Vmm> {
+    Box::new(move |config| {
+        let mut vmm = Vmm::build(config, options, Box::new(std::io::stdout()))?;
+        if let Some(wake) = &wake {
+            let wake = wake
+                .try_clone()
+                .map_err(|e| VmmError::EventFd("API requests", e))?;
+            vmm.add_wakeup(wake);
+        }
+        vmm.start()?;
+        Ok(vmm)
     })
 }

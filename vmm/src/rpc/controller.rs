@@ -1,5 +1,7 @@
 //! The VMM thread's side of the API: one `match (state, action)` that answers every
-//! [`VmmAction`], whether it came from the socket or from the config file. Before
+//! [`VmmAction`], whether it came from the socket ([`Controller::handle`]) or from the
+//! config file ([`Controller::apply_config`]). It owns the metrics destination: lines are
+//! written on FlushMetrics, every [`FLUSH_PERIOD`] and once more as ember ends. Before
 //! InstanceStart it builds a [`VmConfig`] piece by piece, checking each piece (and the files
 //! it names) as it arrives; InstanceStart hands the whole configuration to the launcher
 //! ([`crate::Vmm::build`] in `ember`); afterwards it drives the running [`Machine`].
@@ -8,15 +10,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use api::models::VmConfig;
+use api::models::{LogLevel, LoggerConfig, MetricsConfig, VmConfig};
 use api::requests::{
-    DrivePatch, Fault, InstanceInfo, LogLevel, LoggerConfig, MetricsConfig, NetworkInterfacePatch,
-    VersionInfo, VmmAction, VmmData,
+    DrivePatch, Fault, InstanceInfo, NetworkInterfacePatch, VersionInfo, VmmAction, VmmData,
 };
 
 use super::logger;
-use crate::metrics::{DeviceCounters, Metrics, MetricsSink, VcpuExitCounters, FLUSH_PERIOD};
-use crate::VmmError;
+use crate::metrics::{
+    DeviceCounters, Metrics, MetricsError, MetricsSink, VcpuExitCounters, FLUSH_PERIOD,
+};
+use crate::{VmOutcome, VmmError};
 
 /// The VM's lifecycle as the API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +48,9 @@ pub trait Machine {
     fn update_drive(&mut self, drive_id: &str, path: &Path) -> Result<(), VmmError>;
     fn device_counters(&self) -> DeviceCounters;
     fn exit_counters(&self) -> Arc<VcpuExitCounters>;
+    /// Serves the VM's events for up to `timeout_ms` (-1: until one arrives); `Some` once
+    /// the VM has ended.
+    fn run_events(&mut self, timeout_ms: i32) -> Result<Option<VmOutcome>, VmmError>;
 }
 
 /// Builds and starts the VM from a complete configuration.
@@ -97,7 +103,7 @@ impl<M: Machine> Controller<M> {
         &self.metrics
     }
 
-    /// Answers one action, counting and logging it.
+    /// Answers one API request's action, counting and logging it.
     pub fn handle(&mut self, action: VmmAction) -> Result<VmmData, Fault> {
         let name = action_name(&action);
         let result = self.dispatch(action);
@@ -113,6 +119,18 @@ impl<M: Machine> Controller<M> {
                     &format!("{name} refused: {reason}"),
                 );
             }
+        }
+        result
+    }
+
+    /// Carries out one action of the config file: the same as [`Controller::handle`], but
+    /// not counted as an API request, and a refusal is only returned: it ends ember, whose
+    /// last words report it once (on stderr and in the log file).
+    pub fn apply_config(&mut self, action: VmmAction) -> Result<VmmData, Fault> {
+        let name = action_name(&action);
+        let result = self.dispatch(action);
+        if result.is_ok() {
+            logger::log(LogLevel::Info, "config", &format!("{name}: done"));
         }
         result
     }
@@ -311,20 +329,25 @@ impl<M: Machine> Controller<M> {
     }
 
     fn set_metrics(&mut self, config: &MetricsConfig) -> Result<VmmData, Fault> {
+        config.validate().map_err(|e| fault(e.to_string()))?;
         let sink = MetricsSink::open(&config.metrics_path).map_err(|e| fault(e.to_string()))?;
         self.sink = Some(sink);
         Ok(VmmData::Empty)
     }
 
     fn flush_metrics(&mut self) -> Result<VmmData, Fault> {
-        let sink = self
-            .sink
-            .as_mut()
-            .ok_or_else(|| fault("FlushMetrics: no metrics destination; PUT /metrics first"))?;
+        match self.write_metrics() {
+            Ok(()) => Ok(VmmData::Empty),
+            Err(e @ MetricsError::NotConfigured) => Err(fault(e.to_string())),
+            Err(e) => Err(fault(format!("FlushMetrics: {e}"))),
+        }
+    }
+
+    /// Writes one metrics line now and starts the next period.
+    fn write_metrics(&mut self) -> Result<(), MetricsError> {
+        let sink = self.sink.as_mut().ok_or(MetricsError::NotConfigured)?;
         self.last_flush = Instant::now();
         sink.write(&self.metrics.snapshot())
-            .map_err(|e| fault(format!("FlushMetrics: {e}")))?;
-        Ok(VmmData::Empty)
     }
 
     /// Milliseconds until the next periodic flush (-1: none due, no destination).
@@ -339,14 +362,29 @@ impl<M: Machine> Controller<M> {
     /// Writes the periodic metrics line when it is due.
     pub fn flush_if_due(&mut self) {
         if self.sink.is_some() && self.last_flush.elapsed() >= FLUSH_PERIOD {
-            if let Err(e) = self.flush_metrics() {
-                logger::log(LogLevel::Warning, "metrics", &e.0);
-            }
+            self.flush_or_warn();
+        }
+    }
+
+    /// Writes the last metrics line as ember ends (the VM stopped or failed, or the
+    /// configuration was refused), so that the counts since the last periodic line are
+    /// never lost. The destination is already open: this works under the VMM thread's
+    /// seccomp filter.
+    pub fn flush_at_exit(&mut self) {
+        if self.sink.is_some() {
+            self.flush_or_warn();
+        }
+    }
+
+    fn flush_or_warn(&mut self) {
+        if let Err(e) = self.write_metrics() {
+            logger::log(LogLevel::Warning, "metrics", &e.to_string());
         }
     }
 }
 
 fn set_logger(config: &LoggerConfig) -> Result<VmmData, Fault> {
+    config.validate().map_err(|e| fault(e.to_string()))?;
     logger::configure(config).map_err(|e| fault(e.to_string()))?;
     Ok(VmmData::Empty)
 }

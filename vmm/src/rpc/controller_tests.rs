@@ -4,15 +4,24 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use api::models::{BootSource, Drive, MachineConfig, NetworkInterface, VsockConfig};
-use api::requests::{DrivePatch, MachineConfigPatch, MetricsConfig};
+use api::models::{
+    BootSource, Drive, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterface, VsockConfig,
+};
+use api::requests::{DrivePatch, MachineConfigPatch};
 
 use super::*;
+use crate::rpc::{self, ApiRequest, PreconfigureError, RunError};
 
-/// What the fake machine was asked to do.
+/// What the fake machine was asked to do, and how its event loop behaves.
 #[derive(Default)]
 struct Calls {
     log: Vec<String>,
+    /// The timeout of each event-loop round.
+    rounds: Vec<i32>,
+    /// The VM stops itself in this round (counting from 1).
+    stop_in_round: Option<usize>,
+    /// The event loop fails in its first round.
+    fail: bool,
 }
 
 struct FakeMachine(Rc<RefCell<Calls>>);
@@ -39,6 +48,18 @@ impl Machine for FakeMachine {
     }
     fn exit_counters(&self) -> Arc<VcpuExitCounters> {
         Arc::default()
+    }
+    /// Ends the VM when it was scheduled to stop, or once Ctrl-Alt-Del was typed (as
+    /// ember-init powers off).
+    fn run_events(&mut self, timeout_ms: i32) -> Result<Option<VmOutcome>, VmmError> {
+        let mut calls = self.0.borrow_mut();
+        calls.rounds.push(timeout_ms);
+        if calls.fail {
+            return Err(VmmError::NotStarted);
+        }
+        let scheduled = calls.stop_in_round == Some(calls.rounds.len());
+        let typed = calls.log.iter().any(|c| c == "ctrl-alt-del");
+        Ok((scheduled || typed).then_some(VmOutcome::GuestStopped))
     }
 }
 
@@ -305,4 +326,201 @@ fn metrics_flush_writes_a_line_and_counts_requests() {
     assert_eq!(line["api"]["requests"], 2);
     assert_eq!(line["api"]["failures"], 1);
     assert!(c.next_flush_in_ms() > 0);
+}
+
+/// The metrics lines in `path`, parsed.
+fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A config file's text with our files, and `extra` sections.
+fn config_file(files: &Files, extra: &str) -> VmConfig {
+    let text = format!(
+        r#"{{"boot-source": {{"kernel_image_path": {:?}}},
+            "drives": [{{"drive_id": "root", "path_on_host": {:?}, "is_root_device": true}}]
+            {extra}}}"#,
+        files.path("vmlinux"),
+        files.path("disk.img"),
+    );
+    let config = VmConfig::from_json(&text).unwrap();
+    config.validate().unwrap();
+    config
+}
+
+#[test]
+fn config_file_logger_and_metrics_are_the_api_actions() {
+    let files = Files::new();
+    let (log, metrics) = (files.path("ember.log"), files.path("metrics.json"));
+    let config = config_file(
+        &files,
+        &format!(
+            r#", "logger": {{"log_path": {log:?}, "level": "Info", "show_level": true}},
+                 "metrics": {{"metrics_path": {metrics:?}}}"#
+        ),
+    );
+    let (mut c, calls) = controller();
+    rpc::preconfigure(&mut c, &config).unwrap();
+    assert_eq!(c.state(), VmState::Running);
+    assert_eq!(calls.borrow().log, ["launch"]);
+    // The logger is global: other tests running now may add their lines too.
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in [
+        "[Info] PutMetrics: done",
+        "[Info] PutBootSource: done",
+        "[Info] PutDrive: done",
+        "[Info] InstanceStart: done",
+    ] {
+        assert!(text.contains(line), "{line:?} not in {text}");
+    }
+    // The destination is open and empty until a flush; the first periodic one is due
+    // within the period.
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap(), "");
+    let due = c.next_flush_in_ms();
+    assert!(due > 0 && due <= 60_000, "{due}");
+    c.handle(VmmAction::FlushMetrics).unwrap();
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 1);
+    // The config file's actions are not API requests (and FlushMetrics is counted once
+    // answered, after its line).
+    assert_eq!(lines[0]["api"]["requests"], 0);
+    // As Firecracker's GET /vm/config, the logger and metrics sections are not shown.
+    match c.handle(VmmAction::GetVmConfig).unwrap() {
+        VmmData::VmConfig(shown) => {
+            assert_eq!(
+                (shown.logger.as_ref(), shown.metrics.as_ref()),
+                (None, None)
+            );
+            assert_eq!(shown.drives, config.drives);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn config_file_refusals_name_the_section_and_still_flush_metrics() {
+    let files = Files::new();
+    let (mut c, calls) = controller();
+    let config = config_file(
+        &files,
+        r#", "logger": {"log_path": "/nonexistent/dir/ember.log"}"#,
+    );
+    match rpc::preconfigure(&mut c, &config).unwrap_err() {
+        PreconfigureError::Refused(e) => assert_eq!(
+            e.0,
+            "logger.log_path: cannot open /nonexistent/dir/ember.log for writing: No such \
+             file or directory (os error 2); give a writable file, or a FIFO with a reader"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let metrics = files.path("metrics.json");
+    let mut config = config_file(
+        &files,
+        &format!(r#", "metrics": {{"metrics_path": {metrics:?}}}"#),
+    );
+    config.drives[0].path_on_host = files.path("missing.img");
+    match rpc::preconfigure(&mut c, &config).unwrap_err() {
+        PreconfigureError::Refused(e) => assert!(
+            e.0.starts_with("drives[root].path_on_host: cannot open"),
+            "{}",
+            e.0
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(calls.borrow().log.is_empty(), "never launched");
+    // ember ends on a refusal: the metrics destination gets its last line.
+    assert_eq!(metrics_lines(&metrics).len(), 1);
+}
+
+#[test]
+fn empty_paths_are_refused_on_the_api_too() {
+    let (mut c, _) = controller();
+    let metrics = VmmAction::PutMetrics(MetricsConfig {
+        metrics_path: PathBuf::new(),
+    });
+    assert_eq!(refused(&mut c, metrics), "metrics.metrics_path: empty path");
+    let logger = VmmAction::PutLogger(LoggerConfig {
+        log_path: Some(PathBuf::new()),
+        ..Default::default()
+    });
+    assert_eq!(refused(&mut c, logger), "logger.log_path: empty path");
+}
+
+/// Starts a VM from a config file that names a metrics destination.
+fn started_with_metrics(files: &Files) -> (Controller<FakeMachine>, Rc<RefCell<Calls>>, PathBuf) {
+    let metrics = files.path("metrics.json");
+    let config = config_file(
+        files,
+        &format!(r#", "metrics": {{"metrics_path": {metrics:?}}}"#),
+    );
+    let (mut c, calls) = controller();
+    rpc::preconfigure(&mut c, &config).unwrap();
+    (c, calls, metrics)
+}
+
+#[test]
+fn the_vm_ending_writes_a_last_metrics_line() {
+    let files = Files::new();
+    let (mut c, calls, metrics) = started_with_metrics(&files);
+    calls.borrow_mut().stop_in_round = Some(3);
+    // As with --no-api: no API thread, so nothing ever arrives.
+    let (_, requests) = std::sync::mpsc::channel();
+    assert_eq!(
+        rpc::run(&mut c, &requests).unwrap(),
+        VmOutcome::GuestStopped
+    );
+    let calls = calls.borrow();
+    assert_eq!(calls.rounds.len(), 3);
+    // The loop wakes up in time for the periodic flush.
+    assert!(
+        calls.rounds.iter().all(|&t| (0..=60_000).contains(&t)),
+        "{:?}",
+        calls.rounds
+    );
+    assert_eq!(metrics_lines(&metrics).len(), 1);
+}
+
+#[test]
+fn ctrl_alt_del_from_the_api_ends_the_vm_with_a_last_metrics_line() {
+    let files = Files::new();
+    let (mut c, calls, metrics) = started_with_metrics(&files);
+    let (tx, requests) = std::sync::mpsc::channel();
+    let (reply, answer) = std::sync::mpsc::channel();
+    tx.send(ApiRequest {
+        action: VmmAction::SendCtrlAltDel,
+        reply,
+    })
+    .unwrap();
+    assert_eq!(
+        rpc::run(&mut c, &requests).unwrap(),
+        VmOutcome::GuestStopped
+    );
+    assert_eq!(answer.recv().unwrap(), Ok(VmmData::Empty));
+    assert_eq!(calls.borrow().log, ["launch", "ctrl-alt-del"]);
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["api"]["requests"], 1, "SendCtrlAltDel is counted");
+}
+
+#[test]
+fn a_failing_vm_still_writes_a_last_metrics_line() {
+    let files = Files::new();
+    let (mut c, calls, metrics) = started_with_metrics(&files);
+    calls.borrow_mut().fail = true;
+    let (_tx, requests) = std::sync::mpsc::channel();
+    let err = rpc::run(&mut c, &requests).unwrap_err();
+    assert!(matches!(err, RunError::Vmm(VmmError::NotStarted)), "{err}");
+    assert_eq!(metrics_lines(&metrics).len(), 1);
+}
+
+#[test]
+fn without_a_metrics_destination_the_loop_waits_for_events_only() {
+    let files = Files::new();
+    let (mut c, calls) = started(&files);
+    calls.borrow_mut().stop_in_round = Some(1);
+    let (_tx, requests) = std::sync::mpsc::channel();
+    rpc::run(&mut c, &requests).unwrap();
+    assert_eq!(calls.borrow().rounds, [-1]);
 }

@@ -1,6 +1,6 @@
 //! Ember's log lines: to stderr as `ember: <message>` (warnings and errors) until
-//! `PUT /logger` names a file or FIFO, then there, filtered by level, with the level and
-//! the origin shown when asked.
+//! `PUT /logger` or the config file's `logger` section names a file or FIFO, then there,
+//! filtered by level, with the level and the origin shown when asked.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use api::requests::{LogLevel, LoggerConfig};
+use api::models::{LogLevel, LoggerConfig};
 
 /// Errors configuring the logger.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,8 @@ fn logger() -> std::sync::MutexGuard<'static, Logger> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Applies `PUT /logger`. Without `log_path` the lines stay on stderr.
+/// Applies `PUT /logger` (or the config file's `logger`). Without `log_path` the lines stay
+/// where they went before.
 pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     let file = match &config.log_path {
         Some(path) => Some(

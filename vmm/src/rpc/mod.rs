@@ -2,7 +2,9 @@
 //! into [`api::requests::VmmAction`]s and sends them over a channel, writing an eventfd;
 //! the VMM thread ([`run`]) drains the channel between event-loop rounds and answers each
 //! through the one state machine in [`controller`]. The config file's sections become the
-//! same actions ([`preconfigure`]).
+//! same actions ([`preconfigure`]). `ember --no-api` takes the same path without the API
+//! thread: nothing ever arrives on its channel, and the loop serves the VM, its periodic
+//! metrics lines and the last one as the VM ends.
 
 pub mod controller;
 pub mod logger;
@@ -13,8 +15,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::models::VmConfig;
-use api::requests::{actions_from_config, Fault, LogLevel};
+use api::models::{LogLevel, VmConfig};
+use api::requests::{actions_from_config, Fault};
 
 use crate::metrics::{DeviceCounters, VcpuExitCounters};
 use crate::{VmOutcome, Vmm, VmmError};
@@ -45,6 +47,10 @@ impl Machine for Vmm {
     fn exit_counters(&self) -> Arc<VcpuExitCounters> {
         Vmm::exit_counters(self)
     }
+
+    fn run_events(&mut self, timeout_ms: i32) -> Result<Option<VmOutcome>, VmmError> {
+        Vmm::run_events(self, timeout_ms)
+    }
 }
 
 /// Why a config file could not boot through the controller.
@@ -58,18 +64,32 @@ pub enum PreconfigureError {
     Start(#[from] VmmError),
 }
 
-/// Feeds a config file through the controller as the API would, then starts the VM.
-/// Stops at the first refusal.
+/// Feeds a config file through the controller as the API would (logger and metrics
+/// first), then starts the VM. Stops at the first refusal; ember then ends, so the metrics
+/// destination named so far gets its last line.
 pub fn preconfigure<M: Machine>(
+    controller: &mut Controller<M>,
+    config: &VmConfig,
+) -> Result<(), PreconfigureError> {
+    let result = configure_and_start(controller, config);
+    if result.is_err() {
+        controller.flush_at_exit();
+    }
+    result
+}
+
+fn configure_and_start<M: Machine>(
     controller: &mut Controller<M>,
     config: &VmConfig,
 ) -> Result<(), PreconfigureError> {
     for action in actions_from_config(config) {
         controller
-            .handle(action)
+            .apply_config(action)
             .map_err(PreconfigureError::Refused)?;
     }
-    Ok(controller.launch()?)
+    controller.launch()?;
+    logger::log(LogLevel::Info, "config", "InstanceStart: done");
+    Ok(())
 }
 
 /// Why the VMM thread's loop ended without the VM ending.
@@ -82,9 +102,21 @@ pub enum RunError {
 }
 
 /// The VMM thread: answers API requests and, once started, runs the VM's event loop until
-/// the guest stops.
-pub fn run(
-    controller: &mut Controller<Vmm>,
+/// the guest stops. However it ends, the metrics destination gets a last line.
+pub fn run<M: Machine>(
+    controller: &mut Controller<M>,
+    requests: &Receiver<ApiRequest>,
+) -> Result<VmOutcome, RunError> {
+    let result = serve(controller, requests);
+    if let Ok(outcome) = &result {
+        logger::log(LogLevel::Info, "vmm", &format!("the VM ended: {outcome:?}"));
+    }
+    controller.flush_at_exit();
+    result
+}
+
+fn serve<M: Machine>(
+    controller: &mut Controller<M>,
     requests: &Receiver<ApiRequest>,
 ) -> Result<VmOutcome, RunError> {
     loop {
@@ -99,9 +131,8 @@ pub fn run(
                     Err(RecvTimeoutError::Disconnected) => return Err(RunError::ApiGone),
                 }
             }
-            Some(vmm) => {
-                if let Some(outcome) = vmm.run_events(timeout_ms)? {
-                    logger::log(LogLevel::Info, "vmm", &format!("the VM ended: {outcome:?}"));
+            Some(vm) => {
+                if let Some(outcome) = vm.run_events(timeout_ms)? {
                     return Ok(outcome);
                 }
                 while let Ok(request) = requests.try_recv() {
