@@ -422,7 +422,9 @@ fn users_tools_work(vm: &Ember) {
 }
 
 /// `--config-file` with the API: the file's sections become API actions, the VM boots at
-/// once, and the socket serves the running VM; curl ends it with Ctrl-Alt-Del.
+/// once, and the socket serves the running VM; the file's logger and metrics work as
+/// `PUT /logger` and `PUT /metrics` would: log lines, a periodic metrics line, and a last
+/// one once curl has ended the VM with Ctrl-Alt-Del.
 #[test]
 fn config_file_boots_at_once_and_the_api_serves_it() {
     let Some(dir) = testbed::vm_test(
@@ -434,8 +436,13 @@ fn config_file_boots_at_once_and_the_api_serves_it() {
     let art = artifacts();
     let root = art.private_rootfs(&dir).unwrap();
     let uds = dir.join("v.sock");
+    let (log, metrics) = (dir.join("ember.log"), dir.join("metrics.json"));
     let spec = testbed::GuestSpec::with_agent(&art, &root, &uds);
-    fs::write(dir.join("vm.json"), spec.config_json()).unwrap();
+    let mut config: Value = serde_json::from_str(&spec.config_json()).unwrap();
+    config["logger"] = json!({"log_path": log, "level": "Info", "show_level": true,
+                              "show_log_origin": true});
+    config["metrics"] = json!({"metrics_path": metrics});
+    fs::write(dir.join("vm.json"), config.to_string()).unwrap();
     let ready = std::thread::spawn(move || api::agent::wait_ready(&uds, Duration::from_secs(900)));
     let mut vm = Ember::spawn(
         &dir,
@@ -452,12 +459,22 @@ fn config_file_boots_at_once_and_the_api_serves_it() {
         modes.iter().all(|(_, m)| m == "0"),
         "--no-seccomp: {modes:?}"
     );
-    let config: Value = serde_json::from_str(&vm.curl(&["http://localhost/vm/config"])).unwrap();
-    assert_eq!(config["drives"][0]["drive_id"], "rootfs");
+    let shown: Value = serde_json::from_str(&vm.curl(&["http://localhost/vm/config"])).unwrap();
+    assert_eq!(shown["drives"][0]["drive_id"], "rootfs");
+    // As Firecracker's GET /vm/config, the logger and metrics sections are not shown.
+    assert!(
+        shown.get("logger").is_none() && shown.get("metrics").is_none(),
+        "{shown}"
+    );
     ready
         .join()
         .unwrap()
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.logs()));
+    let periodic = first_periodic_metrics_line(&vm, &metrics);
+    assert!(
+        periodic["vcpu_exits"]["io_out"].as_u64().unwrap() > 0,
+        "{periodic}"
+    );
     let answer = vm.curl(&[
         "-X",
         "PUT",
@@ -474,4 +491,62 @@ fn config_file_boots_at_once_and_the_api_serves_it() {
         "{}",
         vm.logs()
     );
+    let text = fs::read_to_string(&log).unwrap();
+    for line in [
+        "[Info] [config] PutMetrics: done",
+        "[Info] [config] PutDrive: done",
+        "[Info] [config] InstanceStart: done",
+        "[Info] [api] SendCtrlAltDel: done",
+    ] {
+        assert!(text.contains(line), "{line:?} not in the log:\n{text}");
+    }
+    let last = last_metrics_line_after_the_end(&log, &metrics);
+    assert!(
+        last["api"]["requests"].as_u64() > periodic["api"]["requests"].as_u64(),
+        "SendCtrlAltDel is in the last line: {periodic}\n{last}"
+    );
+}
+
+/// The metrics lines written so far.
+fn metrics_lines(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Waits for the first periodic line (due 60 s after ember started).
+fn first_periodic_metrics_line(vm: &Ember, path: &Path) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(line) = metrics_lines(path).into_iter().next() {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no periodic metrics line\n{}",
+            vm.logs()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The last metrics line, checked to be written once the VM had ended: not before the
+/// log line that says so (log lines start with `<seconds>.<milliseconds>`).
+fn last_metrics_line_after_the_end(log: &Path, metrics: &Path) -> Value {
+    let text = fs::read_to_string(log).unwrap();
+    let ended = text
+        .lines()
+        .find(|l| l.contains("the VM ended: GuestStopped"))
+        .unwrap_or_else(|| panic!("no end in the log:\n{text}"));
+    let (secs, millis) = ended.split_once(' ').unwrap().0.split_once('.').unwrap();
+    let ended_ms = secs.parse::<u64>().unwrap() * 1000 + millis.parse::<u64>().unwrap();
+    let lines = metrics_lines(metrics);
+    let last = lines.last().unwrap().clone();
+    assert!(
+        last["utc_timestamp_ms"].as_u64().unwrap() >= ended_ms,
+        "the last metrics line is older than the end ({ended}):\n{last}"
+    );
+    last
 }

@@ -194,6 +194,74 @@ fn sections_not_supported_yet_are_refused_clearly() {
         &json,
         &["balloon", "not supported by this version"],
     );
+    let json = config_with(&vmlinux(), 1, 128).replacen(
+        '{',
+        "{\"mmds-config\":{\"network_interfaces\":[\"eth0\"]},",
+        1,
+    );
+    expect_config_error(
+        "mmds",
+        &json,
+        &["mmds-config: not supported by this version"],
+    );
+}
+
+#[test]
+fn logger_and_metrics_sections_are_checked_like_their_api_bodies() {
+    let with = |section: &str| config_with(&vmlinux(), 1, 128).replacen('{', section, 1);
+    expect_config_error(
+        "logger-unknown-field",
+        &with(r#"{"logger":{"log_path":"/tmp/x.log","colour":true},"#),
+        &["logger.colour: unknown field `colour`, expected one of `log_path`"],
+    );
+    expect_config_error(
+        "logger-level",
+        &with(r#"{"logger":{"level":"Loud"},"#),
+        &["logger.level: unknown level \"Loud\"; use Off, Error, Warning, Info, Debug or Trace"],
+    );
+    expect_config_error(
+        "metrics-missing-path",
+        &with(r#"{"metrics":{},"#),
+        &["metrics: missing field `metrics_path`"],
+    );
+    expect_config_error(
+        "logger-dir",
+        &with(r#"{"logger":{"log_path":"/nonexistent/dir/ember.log"},"#),
+        &["logger.log_path: cannot open /nonexistent/dir/ember.log for writing: No such file"],
+    );
+    expect_config_error(
+        "metrics-dir",
+        &with(r#"{"metrics":{"metrics_path":"/nonexistent/dir/m.json"},"#),
+        &["metrics.metrics_path: cannot open /nonexistent/dir/m.json for writing: No such file"],
+    );
+}
+
+/// The logger and metrics of the config file are set before the rest is checked: a
+/// refusal after them is reported once on stderr, and also lands in the log file, and the
+/// metrics file gets its last line.
+#[test]
+fn a_refusal_after_logger_and_metrics_reaches_both_files() {
+    let scratch = Scratch::new("logged-refusal");
+    let (log, metrics) = (scratch.0.join("ember.log"), scratch.0.join("metrics.json"));
+    let sections = format!(
+        r#"{{"logger":{{"log_path":{log:?},"level":"Info","show_level":true}},"metrics":{{"metrics_path":{metrics:?}}},"#
+    );
+    let json = config_with(Path::new("/nonexistent/vmlinux"), 1, 128).replacen('{', &sections, 1);
+    expect_config_error(
+        "logged-refusal",
+        &json,
+        &["boot-source.kernel_image_path", "/nonexistent/vmlinux"],
+    );
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("[Info] PutMetrics: done"), "{text}");
+    assert!(
+        text.contains("[Error] boot-source.kernel_image_path: cannot open /nonexistent/vmlinux"),
+        "{text}"
+    );
+    let lines = fs::read_to_string(&metrics).unwrap();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    let line: serde_json::Value = serde_json::from_str(lines.trim()).unwrap();
+    assert_eq!(line["api"]["requests"], 0, "{line}");
 }
 
 #[test]
