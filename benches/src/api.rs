@@ -49,7 +49,11 @@ const WARMUP: usize = 10;
 const SETTLE: Duration = Duration::from_secs(2);
 /// Limits for a VMM to answer on its socket, to boot, and for one request.
 const READY_LIMIT: Duration = Duration::from_secs(120);
-const BOOT_LIMIT: Duration = Duration::from_secs(300);
+const BOOT_LIMIT: Duration = Duration::from_secs(120);
+/// Boots tried per memory sample. In the nested test bed a guest now and then hangs early
+/// in its boot (seen with both VMMs, while the level-1 VM carried on): such a boot measures
+/// nothing and is tried again, once, and said so on stderr.
+const BOOT_ATTEMPTS: u32 = 2;
 const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 /// How often a socket is tried until it answers: the granularity of the ready figure.
 const READY_POLL: Duration = Duration::from_millis(1);
@@ -119,7 +123,7 @@ pub fn compare(
             Vmm::Ember => ember_control(art, work, requests)?,
             Vmm::QemuMicrovm => qemu_control(art, work, requests)?,
         };
-        let memory = memory_once(vmm, art, work)?;
+        let memory = memory_sample(vmm, art, work)?;
         eprintln!(
             "run {}/{runs} {:<13} ready {:>8.1} ms, p50 {:>7.1} us, p99 {:>7.1} us, {:>7.0} req/s, \
              RSS {:>6.1} MiB - guest {:>6.1} MiB = {:>5.1} MiB",
@@ -182,7 +186,10 @@ fn summarise(runs: &[(ControlSample, MemorySample)]) -> Result<BTreeMap<String, 
         .collect()
 }
 
-/// A VMM process, killed when dropped: every measurement ends it this way.
+/// A VMM process, killed when dropped (when a measurement fails, or for Ember without a
+/// VM). A VMM with a VM is ended the way its guest would end instead: in the nested test
+/// bed, killing a VMM whose guest runs was followed by a hung level-1 VM at the next boot
+/// several times, and an orderly end is what the other benchmarks do.
 struct Vm {
     child: Child,
     name: &'static str,
@@ -207,26 +214,43 @@ impl Vm {
         })
     }
 
-    /// Calls `attempt` every `interval` until it gives an answer; fails when the process
-    /// ends first or `limit` passes.
+    /// Calls `attempt` every `interval` until it gives an answer; None once `limit` has
+    /// passed, an error when the process ends first.
     fn poll<T>(
         &mut self,
         limit: Duration,
         interval: Duration,
         mut attempt: impl FnMut() -> Option<T>,
-    ) -> Result<T, String> {
+    ) -> Result<Option<T>, String> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(answer) = attempt() {
-                return Ok(answer);
+                return Ok(Some(answer));
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(self.failure(&format!("exited with {status}")));
             }
             if Instant::now() > deadline {
-                return Err(self.failure(&format!("gave no answer within {limit:?}")));
+                return Ok(None);
             }
             std::thread::sleep(interval);
+        }
+    }
+
+    /// Polls the control socket with `attempt` until it answers, within [`READY_LIMIT`].
+    fn wait_ready<T>(&mut self, attempt: impl FnMut() -> Option<T>) -> Result<T, String> {
+        match self.poll(READY_LIMIT, READY_POLL, attempt)? {
+            Some(answer) => Ok(answer),
+            None => Err(self.failure(&format!("gave no answer within {READY_LIMIT:?}"))),
+        }
+    }
+
+    /// Waits for the process to end by itself, with success.
+    fn wait_exit(&mut self, limit: Duration) -> Result<(), String> {
+        match testbed::wait_with_timeout(&mut self.child, limit) {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => Err(self.failure(&format!("ended with {status}"))),
+            None => Err(self.failure(&format!("did not end within {limit:?}"))),
         }
     }
 
@@ -259,7 +283,7 @@ fn ember_control(art: &Artifacts, work: &Path, requests: usize) -> Result<Contro
     let start = Instant::now();
     let mut vm = Vm::spawn(cmd, Vmm::Ember, work, Stdio::null())?;
     let client = ApiClient::new(&socket).with_timeout(REQUEST_LIMIT);
-    let first = vm.poll(READY_LIMIT, READY_POLL, || {
+    let first = vm.wait_ready(|| {
         client
             .request("GET", "/", None)
             .ok()
@@ -304,7 +328,7 @@ fn qemu_control(art: &Artifacts, work: &Path, requests: usize) -> Result<Control
         .arg("-S");
     let start = Instant::now();
     let mut vm = Vm::spawn(cmd, Vmm::QemuMicrovm, work, Stdio::null())?;
-    let mut qmp = vm.poll(READY_LIMIT, READY_POLL, || Qmp::handshake(&socket).ok())?;
+    let mut qmp = vm.wait_ready(|| Qmp::handshake(&socket).ok())?;
     let ready_ms = start.elapsed().as_secs_f64() * 1000.0;
     let status = qmp.execute("query-status")?;
     if status["status"] != "prelaunch" {
@@ -312,6 +336,9 @@ fn qemu_control(art: &Artifacts, work: &Path, requests: usize) -> Result<Control
     }
     let (p50_us, p99_us, requests_per_s) =
         time_requests(requests, || qmp.execute("query-status").map(drop))?;
+    // QEMU may close the connection before it answers `quit`; its exit is what counts.
+    let _ = qmp.execute("quit");
+    vm.wait_exit(READY_LIMIT)?;
     Ok(ControlSample {
         ready_ms,
         p50_us,
@@ -380,7 +407,16 @@ impl Qmp {
 
     /// Sends a command without arguments and returns its `return` value.
     fn execute(&mut self, command: &str) -> Result<Value, String> {
-        let mut line = json!({ "execute": command }).to_string();
+        self.execute_with(command, None)
+    }
+
+    /// Sends a command with `arguments` and returns its `return` value.
+    fn execute_with(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, String> {
+        let mut request = json!({ "execute": command });
+        if let Some(arguments) = arguments {
+            request["arguments"] = arguments;
+        }
+        let mut line = request.to_string();
         line.push('\n');
         self.writer
             .write_all(line.as_bytes())
@@ -455,13 +491,35 @@ fn qemu_microvm_args(spec: &GuestSpec, qmp: &Path) -> Vec<String> {
     args
 }
 
-/// Boots the bench guest with `vmm` to ember-init's ready line, waits [`SETTLE`], and reads
-/// the VMM's memory.
-fn memory_once(vmm: Vmm, art: &Artifacts, work: &Path) -> Result<MemorySample, String> {
+/// The memory of `vmm` with a booted guest, booting again after a hung boot.
+fn memory_sample(vmm: Vmm, art: &Artifacts, work: &Path) -> Result<MemorySample, String> {
+    for attempt in 1..=BOOT_ATTEMPTS {
+        if let Some(sample) = memory_once(vmm, art, work)? {
+            return Ok(sample);
+        }
+        eprintln!(
+            "{}: the guest printed no ready line within {BOOT_LIMIT:?} (boot {attempt} of \
+             {BOOT_ATTEMPTS}, a hung boot)",
+            vmm.name()
+        );
+    }
+    let console = work.join(format!("api-{}.out", vmm.name()));
+    Err(format!(
+        "{}: no boot of {BOOT_ATTEMPTS} reached the ready line; the last console:\n{}",
+        vmm.name(),
+        fs::read_to_string(console).unwrap_or_default()
+    ))
+}
+
+/// Boots the bench guest with `vmm` to ember-init's ready line, waits [`SETTLE`], reads the
+/// VMM's memory and powers the guest off; None when the ready line did not come within
+/// [`BOOT_LIMIT`].
+fn memory_once(vmm: Vmm, art: &Artifacts, work: &Path) -> Result<Option<MemorySample>, String> {
     let spec = bench_guest(art);
     let console = work.join(format!("api-{}.out", vmm.name()));
     let stdout = fs::File::create(&console)
         .map_err(|e| format!("cannot create {}: {e}", console.display()))?;
+    let socket = fresh_socket(work, &format!("api-{}.sock", vmm.name()));
     let cmd = match vmm {
         Vmm::Ember => {
             let config = work.join("api-bench-vm.json");
@@ -469,35 +527,68 @@ fn memory_once(vmm: Vmm, art: &Artifacts, work: &Path) -> Result<MemorySample, S
                 .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
             let mut cmd = Command::new(&art.ember);
             cmd.arg("--api-sock")
-                .arg(fresh_socket(work, "api-ember.sock"))
+                .arg(&socket)
                 .arg("--config-file")
                 .arg(&config);
             cmd
         }
         Vmm::QemuMicrovm => {
             let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.args(qemu_microvm_args(
-                &spec,
-                &fresh_socket(work, "api-qemu.sock"),
-            ));
+            cmd.args(qemu_microvm_args(&spec, &socket));
             cmd
         }
     };
     let mut vm = Vm::spawn(cmd, vmm, work, stdout.into())?;
-    vm.poll(BOOT_LIMIT, CONSOLE_POLL, || {
-        fs::read_to_string(&console)
-            .ok()
-            .filter(|text| text.contains("ember-init: ready in "))
-    })
-    .map_err(|e| {
-        let text = fs::read_to_string(&console).unwrap_or_default();
-        format!("no ready line: {e}\nits console:\n{text}")
-    })?;
+    let ready = vm
+        .poll(BOOT_LIMIT, CONSOLE_POLL, || {
+            fs::read_to_string(&console)
+                .ok()
+                .filter(|text| text.contains("ember-init: ready in "))
+        })
+        .map_err(|e| {
+            let text = fs::read_to_string(&console).unwrap_or_default();
+            format!("no ready line: {e}\nits console:\n{text}")
+        })?;
+    if ready.is_none() {
+        return Ok(None);
+    }
     std::thread::sleep(SETTLE);
     let smaps_path = format!("/proc/{}/smaps", vm.child.id());
     let smaps =
         fs::read_to_string(&smaps_path).map_err(|e| format!("cannot read {smaps_path}: {e}"))?;
-    read_memory(&smaps, u64::from(MEM_MIB) << 10).map_err(|e| format!("{}: {e}", vmm.name()))
+    let sample = read_memory(&smaps, u64::from(MEM_MIB) << 10)
+        .map_err(|e| format!("{}: {e}", vmm.name()))?;
+    press_ctrl_alt_del(vmm, &socket)?;
+    vm.wait_exit(BOOT_LIMIT)?;
+    Ok(Some(sample))
+}
+
+/// Types Ctrl-Alt-Del into the guest's i8042 through the VMM's control socket: ember-init
+/// powers off, the guest resets through the i8042 (`reboot=k`) and the VMM exits.
+fn press_ctrl_alt_del(vmm: Vmm, socket: &Path) -> Result<(), String> {
+    match vmm {
+        Vmm::Ember => {
+            let answer = ApiClient::new(socket)
+                .with_timeout(REQUEST_LIMIT)
+                .request(
+                    "PUT",
+                    "/actions",
+                    Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+                )
+                .map_err(|e| e.to_string())?;
+            if !answer.is_success() {
+                return Err(format!("SendCtrlAltDel: {}", answer.fault_message()));
+            }
+        }
+        Vmm::QemuMicrovm => {
+            let keys: Vec<Value> = ["ctrl", "alt", "delete"]
+                .iter()
+                .map(|key| json!({"type": "qcode", "data": key}))
+                .collect();
+            Qmp::handshake(socket)?.execute_with("send-key", Some(json!({ "keys": keys })))?;
+        }
+    }
+    Ok(())
 }
 
 /// One mapping of `/proc/PID/smaps`: its header and the sizes we need, in KiB.
