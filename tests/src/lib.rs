@@ -340,10 +340,17 @@ impl Job {
         for name in ["status", "console.log"] {
             let _ = fs::remove_file(self.dir.join(name));
         }
-        let socket = self.dir.join("virtiofsd.sock");
+        // In the temporary directory, not the job's: a Unix socket path holds 107 bytes,
+        // which a job directory with a long test name in a deep checkout can exceed.
+        let socket = std::env::temp_dir().join(format!(
+            "ember-testbed-{}-{}.sock",
+            std::process::id(),
+            JOB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = fs::remove_file(&socket);
         let virtiofsd = spawn_virtiofsd(&socket, &self.dir)?;
         let _virtiofsd = KillOnDrop(virtiofsd);
+        let _socket_file = RemoveOnDrop(socket.clone());
         wait_for_socket(&socket)?;
         let mut qemu = self.qemu_command(bed, &socket).spawn().map_err(|e| {
             format!(
@@ -589,6 +596,14 @@ fn wait_for_socket(socket: &Path) -> Result<(), String> {
 
 struct KillOnDrop(Child);
 
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -596,12 +611,20 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// An exclusive lock on the test bed, held while a level-1 VM runs.
+/// An exclusive lock on the test bed, held while a level-1 VM runs. Machine-wide (next to
+/// the prepared bed in the cache, not in a checkout): one level-1 VM already uses both
+/// cores of a small machine, whichever checkout or worktree started it.
 struct BedLock(File);
 
 impl BedLock {
     fn acquire() -> Result<Self, String> {
-        let path = repo_root().join("target/testbed/lock");
+        let cache = std::env::var_os("EMBER_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ember")))
+            .unwrap_or_else(|| repo_root().join("target"));
+        fs::create_dir_all(&cache)
+            .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
+        let path = cache.join("testbed.lock");
         let file = File::options()
             .create(true)
             .truncate(false)
