@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora in fuzz/corpus/<target>/: small, well-formed inputs that get each
+"""Writes the seed corpora in fuzz/corpus/<target>/seed-*: small, well-formed inputs that get each
 target past its framing on the first run. Rerun after changing a target's input layout."""
 import json
 import os
@@ -13,7 +13,7 @@ def put(target, name, data):
     os.makedirs(d, exist_ok=True)
     if isinstance(data, str):
         data = data.encode()
-    with open(os.path.join(d, name), "wb") as f:
+    with open(os.path.join(d, "seed-" + name), "wb") as f:
         f.write(data)
 
 
