@@ -22,6 +22,9 @@ cargo fuzz build >&2
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# The targets' disk images and sockets, removed with the rest.
+export EMBER_FUZZ_SCRATCH="$work/scratch"
+mkdir -p "$EMBER_FUZZ_SCRATCH"
 failed=()
 printf '%-16s %12s %8s %10s  %s\n' target executions seconds exec/s result
 for target in "${targets[@]}"; do

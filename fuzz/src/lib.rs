@@ -110,15 +110,20 @@ pub fn activate(
     device.activate(mem.clone(), interrupt()).is_ok()
 }
 
-/// A scratch directory for this process's files (tmpfs when the host has one, so the
-/// block target's flushes cost nothing).
+/// A scratch directory for this process's files: under `$EMBER_FUZZ_SCRATCH` (smoke.sh
+/// sets it and removes it afterwards), else tmpfs when the host has one, so the block
+/// target's flushes cost nothing.
 pub fn scratch_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = ["/dev/shm", "/tmp"]
-            .iter()
+        let base = std::env::var_os("EMBER_FUZZ_SCRATCH")
             .map(PathBuf::from)
-            .find(|p| p.is_dir())
+            .or_else(|| {
+                ["/dev/shm", "/tmp"]
+                    .iter()
+                    .map(PathBuf::from)
+                    .find(|p| p.is_dir())
+            })
             .unwrap_or_else(std::env::temp_dir);
         let dir = base.join(format!("ember-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("scratch directory");
