@@ -185,6 +185,9 @@ static JOB_COUNTER: AtomicU32 = AtomicU32::new(0);
 const JOB_STARTED: &str = "testbed-l1: running";
 /// How long a level-1 VM may take to start the job (it takes ~5 s on an idle host).
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
+/// The level-1 init prints a heartbeat every 60 s; a console silent for this long means the
+/// level-1 VM froze as a whole (seen under TCG: no CPU runs, so no watchdog fires either).
+const FROZEN_LIMIT: Duration = Duration::from_secs(240);
 /// Level-1 VMs tried before the job is declared failed (after a boot that never started the
 /// job, or a level-1 VM that died under it).
 const BOOT_ATTEMPTS: u32 = 2;
@@ -312,12 +315,15 @@ impl Job {
                 // the emulation or of the level-1 kernel can cause): the job is run again,
                 // once, and the death reported.
                 // A soft lockup (a level-1 CPU stuck in its kernel) panics the level-1 VM
-                // (tests/testbed/init.sh) and ends here too.
+                // (tests/testbed/init.sh) and ends here too, as does a level-1 VM that froze
+                // as a whole (no heartbeat for FROZEN_LIMIT).
                 Ended::NoStatus if attempt < BOOT_ATTEMPTS => {
                     let console =
                         fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
                     let how = if console.contains("soft lockup") {
                         "locked up (a CPU stuck in the level-1 kernel: soft lockup) and panicked"
+                    } else if console.contains("the level-1 VM froze") {
+                        "froze"
                     } else {
                         "died"
                     };
@@ -360,6 +366,8 @@ impl Job {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut booted = false;
+        let console = self.dir.join("console.log");
+        let (mut last_len, mut last_growth) = (0u64, started);
         let finished = loop {
             match qemu.try_wait() {
                 Ok(Some(_)) => break true,
@@ -380,6 +388,25 @@ impl Job {
                 let _ = qemu.kill();
                 let _ = qemu.wait();
                 break false;
+            }
+            let console_len = fs::metadata(&console).map_or(0, |m| m.len());
+            if console_len != last_len {
+                (last_len, last_growth) = (console_len, now);
+            } else if now > last_growth + FROZEN_LIMIT {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                // Said on the console, which the retry and failure reports show.
+                let _ = fs::OpenOptions::new()
+                    .append(true)
+                    .open(&console)
+                    .and_then(|mut f| {
+                        writeln!(
+                            f,
+                            "testbed: the level-1 VM froze: no console output, not even its \
+                             heartbeat, for {FROZEN_LIMIT:?}; stopped it"
+                        )
+                    });
+                break true;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
