@@ -15,16 +15,27 @@
 //! honours our credit never fills beyond [`BUF_ALLOC`]; one that overruns it is reset. Host
 //! bytes are read only when the guest has credit and a receive buffer, so they never pile up
 //! here: the host socket's own buffer holds them.
+//!
+//! A guest RST ends the guest side at once, but bytes the guest sent before it were accepted
+//! under our credit and must still reach the host: a Linux guest resets a closed socket by
+//! itself when our RST is late (its close timeout), which happens when the host client reads
+//! slowly. Such a connection drains: nothing more goes to the guest, its buffered bytes are
+//! written out as the host socket takes them, and then the host socket is closed. A host
+//! client that reads nothing for [`DRAIN_TIMEOUT`] loses them, and that is logged.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::credit::{Credit, BUF_ALLOC};
 use super::packet::{Header, Op, SHUTDOWN_RCV, SHUTDOWN_SEND};
+
+/// How long a connection the guest reset may wait for its host client to read what the guest
+/// sent before the reset.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection's identity: our (host) port and the guest's port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,6 +49,8 @@ pub enum State {
     /// Host-initiated, waiting for the guest's RESPONSE.
     Connecting,
     Established,
+    /// The guest reset it; its last bytes are still being written to the host.
+    Draining,
 }
 
 /// What the muxer must do with a connection after an event.
@@ -46,7 +59,7 @@ pub enum Verdict {
     Keep,
     /// Send the guest a RST and drop the connection.
     Reset,
-    /// Drop the connection silently (the guest reset it).
+    /// Drop the connection without telling the guest (the guest reset it, or it drained).
     Close,
 }
 
@@ -169,6 +182,8 @@ impl Connection {
     pub fn on_guest_packet(&mut self, header: &Header, op: Op, payload: &[u8]) -> Verdict {
         self.credit.update_peer(header.buf_alloc, header.fwd_cnt);
         match (self.state, op) {
+            (State::Draining, _) => Verdict::Keep,
+            (State::Established, Op::Rst) if self.host_bound.guest_bytes() > 0 => self.drain(),
             (_, Op::Rst) => Verdict::Close,
             (State::Connecting, Op::Response) => self.accept(),
             (State::Connecting, _) => Verdict::Reset,
@@ -181,6 +196,14 @@ impl Connection {
             }
             (State::Established, Op::Shutdown) => self.guest_shutdown(header.flags),
         }
+    }
+
+    /// The guest reset the connection with bytes of its own still on their way to the host:
+    /// they go out first (see the module docs).
+    fn drain(&mut self) -> Verdict {
+        self.state = State::Draining;
+        self.deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+        self.flush()
     }
 
     /// The guest accepted a host-initiated connection: tell the host client.
@@ -237,6 +260,9 @@ impl Connection {
                 Err(_) => return Verdict::Reset,
             }
         }
+        if self.state == State::Draining && self.host_bound.bytes.is_empty() {
+            return Verdict::Close;
+        }
         if self.host_bound.bytes.is_empty() && self.guest_shut_send && !self.host_write_shut {
             // A host peer that is gone shows up on the next read; nothing to do here.
             let _ = self.stream.shutdown(Shutdown::Write);
@@ -248,7 +274,7 @@ impl Connection {
     /// The host stream is readable and/or writable (or hung up, which both report).
     pub fn on_host_event(&mut self, readable: bool, writable: bool) -> Verdict {
         self.readable |= readable;
-        if writable && self.state == State::Established {
+        if writable && matches!(self.state, State::Established | State::Draining) {
             return self.flush();
         }
         Verdict::Keep
@@ -264,6 +290,9 @@ impl Connection {
 
     /// True when [`Self::next_packet`] may have something for the guest.
     pub fn has_rx_work(&self) -> bool {
+        if self.state == State::Draining {
+            return false;
+        }
         if self.request_pending {
             return true;
         }
@@ -280,7 +309,7 @@ impl Connection {
         if std::mem::take(&mut self.request_pending) {
             return packet(Op::Request, 0, 0);
         }
-        if self.state == State::Connecting {
+        if self.state != State::Established {
             return Outgoing::Nothing;
         }
         if std::mem::take(&mut self.response_pending) {
@@ -320,6 +349,17 @@ impl Connection {
             && self.guest_shut_send
             && self.host_write_shut
             && (self.host_eof || self.guest_shut_recv)
+    }
+
+    /// True when the guest has shut down both directions (how a closing guest socket ends),
+    /// or had not accepted the connection yet (a RST then is a refusal).
+    pub fn guest_shut_down(&self) -> bool {
+        self.state == State::Connecting || (self.guest_shut_send && self.guest_shut_recv)
+    }
+
+    /// Guest bytes still waiting for the host socket.
+    pub fn undelivered(&self) -> usize {
+        self.host_bound.guest_bytes()
     }
 
     pub fn expired(&self, now: Instant) -> bool {
@@ -617,6 +657,63 @@ mod tests {
         );
         assert!(c.is_finished());
         assert!(!c.has_rx_work());
+    }
+
+    #[test]
+    fn a_guest_reset_still_delivers_what_the_guest_sent_before_it() {
+        let (mut c, theirs) = established();
+        // The host client is slow: the socket fills and the rest waits in our buffer.
+        let mut expected = Vec::new();
+        let mut i = 0u32;
+        while c.undelivered() < 100_000 {
+            let chunk: Vec<u8> = (0..4096u32).map(|j| (i * 7 + j) as u8).collect();
+            let v = c.on_guest_packet(&guest(Op::Rw, 0, 65536, 0), Op::Rw, &chunk);
+            assert_eq!(v, Verdict::Keep);
+            expected.extend_from_slice(&chunk);
+            i += 1;
+        }
+        // The guest closes, and resets before our RST comes (its close timeout).
+        let both = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        c.on_guest_packet(&guest(Op::Shutdown, both, 65536, 0), Op::Shutdown, &[]);
+        assert_eq!(
+            c.on_guest_packet(&guest(Op::Rst, 0, 0, 0), Op::Rst, &[]),
+            Verdict::Keep,
+            "bytes are still owed to the host"
+        );
+        assert_eq!(c.state(), State::Draining);
+        assert!(c.deadline.is_some(), "draining is bounded");
+        assert!(!c.has_rx_work(), "nothing more for the guest");
+        let mut buf = [0u8; 64];
+        assert_eq!(c.next_packet(64, &mut buf), Outgoing::Nothing);
+        assert_eq!(
+            c.on_guest_packet(&guest(Op::Rw, 0, 65536, 0), Op::Rw, b"late"),
+            Verdict::Keep,
+            "packets after the reset are ignored"
+        );
+        let mut got = Vec::new();
+        let verdict = loop {
+            got.extend(read_all(&theirs));
+            let v = c.on_host_event(false, true);
+            if v != Verdict::Keep {
+                break v;
+            }
+        };
+        assert_eq!(verdict, Verdict::Close, "drained, then closed");
+        drop(c);
+        got.extend(read_all(&theirs));
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_guest_reset_with_nothing_buffered_closes_at_once() {
+        let (mut c, theirs) = established();
+        c.on_guest_packet(&guest(Op::Rw, 0, 4096, 0), Op::Rw, b"delivered");
+        assert!(!c.guest_shut_down());
+        assert_eq!(
+            c.on_guest_packet(&guest(Op::Rst, 0, 0, 0), Op::Rst, &[]),
+            Verdict::Close
+        );
+        assert_eq!(read_all(&theirs), b"delivered");
     }
 
     #[test]

@@ -19,16 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::connection::{ConnKey, Connection, Outgoing, Verdict};
+use super::connection::{ConnKey, Connection, Outgoing, State, Verdict, DRAIN_TIMEOUT};
 use super::handshake::{PendingClient, Progress};
 use super::packet::{Header, Op, PacketError, TxPacket, TYPE_STREAM};
 use super::{bump, unix, VsockCounters, VsockError, HOST_CID};
 
 /// Most host clients and connections alive at once.
 pub const MAX_CONNECTIONS: usize = 256;
-/// VMM-initiated resets a device logs before it only counts them (a hostile guest can cause
-/// any number).
-const MAX_LOGGED_RESETS: u32 = 16;
+/// Abnormal connection ends (reset by the VMM, or by the guest before it shut the
+/// connection down) a device logs before it only counts them (a hostile guest can cause any
+/// number).
+const MAX_LOGGED_ENDS: u32 = 16;
 /// Most RSTs waiting for receive buffers; beyond, they are dropped (and counted).
 pub const MAX_QUEUED_RESETS: usize = 256;
 /// How long a host client may take to send its line and the guest to answer its REQUEST.
@@ -62,8 +63,8 @@ pub struct Muxer {
     next_port: u32,
     next_token: u32,
     counters: Arc<VsockCounters>,
-    /// VMM-initiated resets of live connections logged so far.
-    logged_resets: u32,
+    /// Abnormal connection ends logged so far.
+    logged_ends: u32,
 }
 
 impl Muxer {
@@ -85,7 +86,7 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             next_token: FIRST_TOKEN,
             counters,
-            logged_resets: 0,
+            logged_ends: 0,
         })
     }
 
@@ -252,7 +253,15 @@ impl Muxer {
     /// for the receive queue when it has something for the guest.
     fn settle(&mut self, key: ConnKey, verdict: Verdict, watcher: &mut dyn Watcher) {
         match verdict {
-            Verdict::Close => self.remove(key, watcher),
+            Verdict::Close => {
+                // A guest that closes its socket says SHUTDOWN first; a RST on a connection
+                // it had not shut down means its side failed, which the host client only sees
+                // as an end of stream.
+                if self.conns.get(&key).is_some_and(|c| !c.guest_shut_down()) {
+                    self.warn(key, "the guest reset it before shutting it down");
+                }
+                self.remove(key, watcher)
+            }
             Verdict::Reset => self.reset(
                 key,
                 "the guest broke its credit or shutdown rules, or the host socket failed",
@@ -289,31 +298,38 @@ impl Muxer {
     }
 
     /// Drops a connection and owes the guest a RST for it. `why` is logged (a warning, for
-    /// the first [`MAX_LOGGED_RESETS`] of the device) unless empty: a finished connection's
+    /// the first [`MAX_LOGGED_ENDS`] of the device) unless empty: a finished connection's
     /// RST is its normal end.
     fn reset(&mut self, key: ConnKey, why: &str, watcher: &mut dyn Watcher) {
         if !why.is_empty() && self.conns.contains_key(&key) {
-            self.logged_resets = self.logged_resets.saturating_add(1);
-            if self.logged_resets <= MAX_LOGGED_RESETS {
-                let more = if self.logged_resets == MAX_LOGGED_RESETS {
-                    " (further resets are only counted in the metrics)"
-                } else {
-                    ""
-                };
-                crate::rpc::logger::log(
-                    api::requests::LogLevel::Warning,
-                    "vsock",
-                    &format!(
-                        "{}: reset the connection of host port {} and guest port {}: {why}{more}",
-                        self.uds_path.display(),
-                        key.local_port,
-                        key.peer_port
-                    ),
-                );
-            }
+            self.warn(key, &format!("reset by the VMM: {why}"));
         }
         self.remove(key, watcher);
         self.queue_reset(key);
+    }
+
+    /// Logs a warning about a live connection ending abnormally, for the first
+    /// [`MAX_LOGGED_ENDS`] of the device (a hostile guest can cause any number).
+    fn warn(&mut self, key: ConnKey, what: &str) {
+        self.logged_ends = self.logged_ends.saturating_add(1);
+        if self.logged_ends > MAX_LOGGED_ENDS {
+            return;
+        }
+        let more = if self.logged_ends == MAX_LOGGED_ENDS {
+            " (further ones are only counted in the metrics)"
+        } else {
+            ""
+        };
+        crate::rpc::logger::log(
+            api::requests::LogLevel::Warning,
+            "vsock",
+            &format!(
+                "{}: the connection of host port {} and guest port {} ended: {what}{more}",
+                self.uds_path.display(),
+                key.local_port,
+                key.peer_port
+            ),
+        );
     }
 
     fn queue_reset(&mut self, key: ConnKey) {
@@ -426,18 +442,31 @@ impl Muxer {
             self.drop_client(token, watcher);
             bump(&self.counters.timeouts, 1);
         }
-        let late: Vec<ConnKey> = self
+        let late: Vec<(ConnKey, State, usize)> = self
             .conns
             .values()
             .filter(|c| c.expired(now))
-            .map(|c| c.key)
+            .map(|c| (c.key, c.state(), c.undelivered()))
             .collect();
-        for key in late {
-            self.reset(
-                key,
-                "the guest did not answer the connection request in time",
-                watcher,
-            );
+        for (key, state, undelivered) in late {
+            if state == State::Draining {
+                // The guest is gone already: no RST for it, only the loss to report.
+                let secs = DRAIN_TIMEOUT.as_secs();
+                self.warn(
+                    key,
+                    &format!(
+                        "the guest reset it, and its host client read nothing for {secs} s; \
+                         the guest's last {undelivered} bytes were dropped"
+                    ),
+                );
+                self.remove(key, watcher);
+            } else {
+                self.reset(
+                    key,
+                    "the guest did not answer the connection request in time",
+                    watcher,
+                );
+            }
             bump(&self.counters.timeouts, 1);
         }
     }
