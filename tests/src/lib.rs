@@ -787,6 +787,17 @@ pub struct ReadyLine {
     pub hostname: String,
 }
 
+/// The guest console (`vm.out`) and ember's stderr (`vm.err`) of a VM run in `dir`, for
+/// failure messages: together they say the most about why a VM test failed.
+pub fn vm_logs(dir: &Path) -> String {
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    format!(
+        "--- guest console\n{}\n--- ember stderr\n{}",
+        read("vm.out"),
+        read("vm.err")
+    )
+}
+
 /// Finds and parses `ember-init: ready in N ms: cpus=C ram_kib=R hostname=H` in console text.
 pub fn parse_ready_line(console: &str) -> Option<ReadyLine> {
     let line = console

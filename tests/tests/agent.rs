@@ -79,12 +79,7 @@ impl AgentVm {
     }
 
     fn console(&self) -> String {
-        let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-        format!(
-            "--- guest console\n{}\n--- ember stderr\n{}",
-            read("vm.out"),
-            read("vm.err")
-        )
+        testbed::vm_logs(&self.dir)
     }
 
     /// Runs `sh -c script` in the guest and returns its stdout; panics unless it exits 0.
@@ -119,6 +114,10 @@ impl AgentVm {
 
 impl Drop for AgentVm {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Whatever failed, the guest's console and ember's own log say the most about why.
+            eprintln!("{}", self.console());
+        }
         if let Some(mut ember) = self.ember.take() {
             let _ = ember.kill();
             let _ = ember.wait();
@@ -206,6 +205,22 @@ fn exec_streams_stdin_signals_and_concurrency() {
     assert_eq!(status.code, Some(0));
     assert_eq!(stdout_seq.next, LINES + 1, "stdout lines");
     assert_eq!(stderr_seq.next, LINES + 1, "stderr lines");
+
+    // A host that stops reading for longer than the guest waits for our RST once it has
+    // closed its socket (8 s in Linux): the guest resets, and what it sent before still
+    // arrives, up to the exit status.
+    let mut slow_seq = SeqChecker::new();
+    let mut stalled = false;
+    let status = client
+        .exec(&Exec::new(["seq", "1", "60000"]), |_, data| {
+            if !std::mem::replace(&mut stalled, true) {
+                std::thread::sleep(Duration::from_secs(12));
+            }
+            slow_seq.feed(data);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!((status.code, slow_seq.next), (Some(0), 60_001));
 
     // stdin piped through: 8 MiB in, its checksum out.
     let input: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + i / 4093) as u8).collect();

@@ -146,12 +146,7 @@ impl Ember {
     }
 
     fn logs(&self) -> String {
-        let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-        format!(
-            "--- guest console\n{}\n--- ember stderr\n{}",
-            read("vm.out"),
-            read("vm.err")
-        )
+        testbed::vm_logs(&self.dir)
     }
 
     /// Waits for ember to exit and returns its exit code.
@@ -163,6 +158,10 @@ impl Ember {
 
 impl Drop for Ember {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Whatever failed, the guest's console and ember's own log say the most about why.
+            eprintln!("{}", self.logs());
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
