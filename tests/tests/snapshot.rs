@@ -264,6 +264,10 @@ fn a_restored_guest_goes_on_where_it_was() {
     );
     assert!(running.contains("pause it first"), "{running}");
 
+    let (code, _, err) = first.emberctl(&["pause"]);
+    assert_eq!(code, 0, "{err}");
+    a_full_disk_leaves_the_vm_paused_and_resumable(&first, &agent, &dir);
+
     let before = counter(&agent);
     let (code, _, err) = first.emberctl(&["pause"]);
     assert_eq!(code, 0, "{err}");
@@ -280,6 +284,7 @@ fn a_restored_guest_goes_on_where_it_was() {
     first.kill();
 
     let uds = dir.join("v2.sock");
+    loading_paused_keeps_the_guest_still(&dir, &state, &mem);
     let mut second = Ember::spawn(&dir.join("second"), &[]);
     damaged_snapshots_are_refused(&second, &state, &mem, &uds);
     let (code, out, err) = second.emberctl(&[
@@ -298,7 +303,10 @@ fn a_restored_guest_goes_on_where_it_was() {
 
     let agent = agent_after_restore(&uds, &second);
     let after = counter(&agent);
-    assert!(after >= before, "the counter went back: {before} -> {after}");
+    assert!(
+        after >= before,
+        "the counter went back: {before} -> {after}"
+    );
     wait_until("the counter to go on", Duration::from_secs(120), || {
         counter(&agent) > after
     });
@@ -316,4 +324,73 @@ fn a_restored_guest_goes_on_where_it_was() {
         "{}",
         second.logs()
     );
+}
+
+/// Snapshot create into a 8 MiB tmpfs fails for want of space: the previous file there is
+/// intact, no temporary file is left, the VM is still paused, and it resumes and runs.
+fn a_full_disk_leaves_the_vm_paused_and_resumable(vm: &Ember, agent: &AgentClient, dir: &Path) {
+    let small = dir.join("small");
+    fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "ember-snapshot-test"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "cannot mount a small tmpfs (root is needed)"
+    );
+    let (state, mem) = (small.join("vm.state"), small.join("vm.mem"));
+    fs::write(&mem, b"an older snapshot").unwrap();
+    let message = vm.refused(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem}),
+    );
+    let entries: Vec<_> = fs::read_dir(&small)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let older = fs::read(&mem).unwrap();
+    let _ = Command::new("umount").arg(&small).status();
+    assert_eq!(older, b"an older snapshot");
+    assert!(
+        message.contains("No space left on device") && message.contains("intact"),
+        "{message}"
+    );
+    assert!(message.contains("the VM is still paused"), "{message}");
+    assert_eq!(entries, ["vm.mem"], "only the older file is left");
+    assert_eq!(vm.state(), "Paused");
+    let diff = vm.refused(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Diff", "snapshot_path": state, "mem_file_path": mem}),
+    );
+    assert!(diff.contains("not supported"), "{diff}");
+    let (code, _, err) = vm.emberctl(&["resume"]);
+    assert_eq!(code, 0, "{err}");
+    let now = counter(agent);
+    wait_until("the counter after resume", Duration::from_secs(120), || {
+        counter(agent) > now
+    });
+}
+
+/// Loaded without `resume_vm`, the VM is paused and its guest does not run; its machine
+/// configuration is the snapshot's. The ember is then killed before the guest ever ran, so
+/// its disk is as the snapshot left it.
+fn loading_paused_keeps_the_guest_still(dir: &Path, state: &Path, mem: &Path) {
+    let mut paused = Ember::spawn(&dir.join("paused"), &[]);
+    let uds = dir.join("v-paused.sock");
+    let mut body = load_body(state, mem, &uds);
+    body["resume_vm"] = json!(false);
+    body.as_object_mut().unwrap().remove("mem_backend");
+    body["mem_file_path"] = json!(mem);
+    let r = paused.call("PUT", "/snapshot/load", Some(body));
+    assert_eq!(r.status, 204, "{r:?}\n{}", paused.logs());
+    assert_eq!(paused.state(), "Paused");
+    let config: Value = serde_json::from_str(&paused.call("GET", "/vm/config", None).body).unwrap();
+    assert_eq!(config["machine-config"]["mem_size_mib"], 128, "{config}");
+    let agent = AgentClient::vsock(&uds).with_timeout(Duration::from_secs(5));
+    assert!(agent.ping().is_err(), "a paused guest answered");
+    paused.kill();
 }
