@@ -9,9 +9,11 @@
 //! goes before KVM state so that an interrupt a device raised while being saved is already in
 //! the controllers when they are read (see [`crate::device_manager`]). The whole state is
 //! encoded before any file is written, so a state that cannot be encoded leaves the disk as
-//! it was. Then the memory file is written, and the state file last, recording the memory
-//! file's size: each through [`write_file_atomically`], so a full disk or any error leaves
-//! the previous file at each path intact and the VM paused and resumable.
+//! it was. Then the memory file is written, and the state file, recording the memory file's
+//! size, each to a temporary file next to its target and flushed ([`prepare_file`]); only
+//! once both are on disk are they renamed into place, memory file first. A full disk or any
+//! error while writing leaves the previous files at both paths intact and the VM paused and
+//! resumable.
 //!
 //! # Restoring
 //!
@@ -44,9 +46,7 @@ use crate::devices::legacy::{
     SerialConsole, SerialConsoleState, I8042,
 };
 use crate::metrics::{DeviceCounters, VcpuExitCounters};
-use crate::snapshot::{
-    encode, load_state, write_file_atomically, LoadedState, Persist, SnapshotError,
-};
+use crate::snapshot::{encode, load_state, prepare_file, LoadedState, Persist, SnapshotError};
 use crate::vstate::kvm::{open_kvm, KvmVm};
 use crate::vstate::memory;
 use crate::vstate::vcpu::{check_vcpu_states, Vcpu, VcpuError, VcpuState, VcpuStateError};
@@ -115,8 +115,8 @@ pub enum PersistError {
 impl Vmm {
     /// Writes a full snapshot of this paused VM: guest memory to `mem_path`, then the state
     /// to `state_path` (see the module docs). On error the VM is still paused and can be
-    /// resumed, and the files previously at both paths are intact unless the memory file
-    /// was already replaced when writing the state file failed (the error says which).
+    /// resumed, and the files previously at both paths are intact, unless renaming the
+    /// state file into place fails after the memory file was (the error says which).
     pub fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
         if self.handles.is_empty() {
             return Err(VmmError::NotStarted);
@@ -124,10 +124,14 @@ impl Vmm {
         let state = self.capture()?;
         let mem_size: u64 = state.memory.iter().map(|r| r.size).sum();
         let bytes = encode(&state, mem_size).map_err(PersistError::Write)?;
-        write_file_atomically(mem_path, |file| memory::dump(&self.guest_memory, file))
+        let mem_file = prepare_file(mem_path, |file| memory::dump(&self.guest_memory, file))
             .map_err(PersistError::Write)?;
-        write_file_atomically(state_path, |file| file.write_all(&bytes))
-            .map_err(PersistError::Write)?;
+        let state_file =
+            prepare_file(state_path, |file| file.write_all(&bytes)).map_err(PersistError::Write)?;
+        // Both files are on disk under temporary names: only a failed rename (not a full
+        // disk) can now leave the new memory file beside the old state file.
+        mem_file.commit().map_err(PersistError::Write)?;
+        state_file.commit().map_err(PersistError::Write)?;
         Ok(())
     }
 
