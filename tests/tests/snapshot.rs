@@ -104,6 +104,27 @@ impl Ember {
         )
     }
 
+    /// The `Seccomp:` mode from /proc of each of Ember's threads.
+    fn seccomp_modes(&self) -> Vec<(String, String)> {
+        let pid = self.child.as_ref().unwrap().id();
+        let mut modes = Vec::new();
+        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            // A connection thread may end between the listing and the read.
+            let Ok(status) = fs::read_to_string(task.unwrap().path().join("status")) else {
+                continue;
+            };
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            modes.push((field("Name:"), field("Seccomp:")));
+        }
+        modes
+    }
+
     fn logs(&self) -> String {
         let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
         format!(
@@ -301,6 +322,12 @@ fn a_restored_guest_goes_on_where_it_was() {
     let again = second.refused("PUT", "/snapshot/load", load_body(&state, &mem, &uds));
     assert!(again.contains("fresh ember process"), "{again}");
 
+    // Restored before the filters went on: every thread runs filtered, as after a boot.
+    let modes = second.seccomp_modes();
+    assert!(
+        modes.iter().any(|(n, _)| n == "ember_vcpu0") && modes.iter().all(|(_, m)| m == "2"),
+        "{modes:?}"
+    );
     let agent = agent_after_restore(&uds, &second);
     let after = counter(&agent);
     assert!(
