@@ -45,6 +45,7 @@ use crate::devices::legacy::{
     BootTimer, BootTimerArgs, BootTimerState, I8042Args, I8042State, LegacyState, SerialArgs,
     SerialConsole, SerialConsoleState, I8042,
 };
+use crate::devices::virtio::block::Block;
 use crate::metrics::{DeviceCounters, VcpuExitCounters};
 use crate::snapshot::{encode, load_state, prepare_file, LoadedState, Persist, SnapshotError};
 use crate::vstate::kvm::{open_kvm, KvmVm};
@@ -244,31 +245,8 @@ impl Vmm {
             overrides,
         )
         .map_err(PersistError::RestoreDevices)?;
-        let mut counters = DeviceCounters {
-            boot_timer: Some(legacy.boot_timer.clone()),
-            ..DeviceCounters::default()
-        };
-        let mut drives = Vec::new();
-        for device in mmio.devices() {
-            event_manager.add_subscriber(device.subscriber());
-            match device {
-                VirtioHandle::Block(b) => {
-                    let block = lock(&b);
-                    counters
-                        .drives
-                        .push((block.drive_id.clone(), block.counters.clone()));
-                    drop(block);
-                    drives.push(b);
-                }
-                VirtioHandle::Net(n) => {
-                    let net = lock(&n);
-                    counters
-                        .nets
-                        .push((net.iface_id.clone(), net.counters.clone()));
-                }
-                VirtioHandle::Vsock(v) => counters.vsock = Some(lock(&v).counters.clone()),
-            }
-        }
+        let (counters, drives) =
+            register_restored(&mmio, &mut event_manager, legacy.boot_timer.clone());
         let buses = Arc::new(buses);
         let exit_counters = Arc::new(VcpuExitCounters::default());
         let vcpus = state
@@ -302,6 +280,39 @@ impl Vmm {
             exit_counters,
         })
     }
+}
+
+/// Hands every restored virtio device to the event loop; returns the device counters (for
+/// metrics) and the drives (for `PATCH /drives`).
+fn register_restored(
+    mmio: &MmioDeviceManager,
+    event_manager: &mut EventManager<Subscriber>,
+    boot_timer: Arc<Mutex<BootTimer>>,
+) -> (DeviceCounters, Vec<Arc<Mutex<Block>>>) {
+    let mut counters = DeviceCounters {
+        boot_timer: Some(boot_timer),
+        ..DeviceCounters::default()
+    };
+    let mut drives = Vec::new();
+    for device in mmio.devices() {
+        event_manager.add_subscriber(device.subscriber());
+        match device {
+            VirtioHandle::Block(block) => {
+                let (id, c) = {
+                    let b = lock(&block);
+                    (b.drive_id.clone(), b.counters.clone())
+                };
+                counters.drives.push((id, c));
+                drives.push(block);
+            }
+            VirtioHandle::Net(net) => {
+                let n = lock(&net);
+                counters.nets.push((n.iface_id.clone(), n.counters.clone()));
+            }
+            VirtioHandle::Vsock(vsock) => counters.vsock = Some(lock(&vsock).counters.clone()),
+        }
+    }
+    (counters, drives)
 }
 
 /// The state agrees with itself and with the memory file's recorded size: vCPU count in
