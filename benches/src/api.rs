@@ -456,35 +456,8 @@ pub fn bench_guest(art: &Artifacts) -> GuestSpec {
 /// QEMU's microvm machine as [`crate::boot`] runs it (same options, same kernel, initramfs
 /// and command line; this guest has no drives or network), with its QMP socket at `qmp`.
 fn qemu_microvm_args(spec: &GuestSpec, qmp: &Path) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,acpi=off",
-        "-device",
-        "i8042",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-    ]
-    .iter()
-    .chain(testbed::QEMU_HEADLESS_ARGS.iter())
-    .chain(["-serial", "stdio"].iter())
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = crate::boot::qemu_microvm_args(spec);
     args.extend([
-        "-smp".into(),
-        spec.vcpus.to_string(),
-        "-m".into(),
-        format!("{}M", spec.mem_mib),
-        "-kernel".into(),
-        spec.kernel.display().to_string(),
-    ]);
-    if let Some(initrd) = &spec.initrd {
-        args.extend(["-initrd".into(), initrd.display().to_string()]);
-    }
-    args.extend([
-        "-append".into(),
-        spec.boot_args.clone(),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp.display()),
     ]);

@@ -146,7 +146,7 @@ pub fn boot_once(
 /// power-off ends QEMU as it ends Ember (microvm has none by default). Without ACPI (the
 /// guest kernel has none) QEMU announces its virtio-mmio devices on the command line, as
 /// Ember does; the root device's `root=` is added here, as Ember adds it.
-fn qemu_microvm_args(spec: &GuestSpec) -> Vec<String> {
+pub(crate) fn qemu_microvm_args(spec: &GuestSpec) -> Vec<String> {
     let mut args: Vec<String> = [
         "-M",
         "microvm,x-option-roms=off,rtc=off,acpi=off",

@@ -185,6 +185,9 @@ static JOB_COUNTER: AtomicU32 = AtomicU32::new(0);
 const JOB_STARTED: &str = "testbed-l1: running";
 /// How long a level-1 VM may take to start the job (it takes ~5 s on an idle host).
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
+/// The level-1 init prints a heartbeat every 60 s; a console silent for this long means the
+/// level-1 VM froze as a whole (seen under TCG: no CPU runs, so no watchdog fires either).
+const FROZEN_LIMIT: Duration = Duration::from_secs(240);
 /// Level-1 VMs tried before the job is declared failed (after a boot that never started the
 /// job, or a level-1 VM that died under it).
 const BOOT_ATTEMPTS: u32 = 2;
@@ -312,12 +315,15 @@ impl Job {
                 // the emulation or of the level-1 kernel can cause): the job is run again,
                 // once, and the death reported.
                 // A soft lockup (a level-1 CPU stuck in its kernel) panics the level-1 VM
-                // (tests/testbed/init.sh) and ends here too.
+                // (tests/testbed/init.sh) and ends here too, as does a level-1 VM that froze
+                // as a whole (no heartbeat for FROZEN_LIMIT).
                 Ended::NoStatus if attempt < BOOT_ATTEMPTS => {
                     let console =
                         fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
                     let how = if console.contains("soft lockup") {
                         "locked up (a CPU stuck in the level-1 kernel: soft lockup) and panicked"
+                    } else if console.contains("the level-1 VM froze") {
+                        "froze"
                     } else {
                         "died"
                     };
@@ -340,10 +346,17 @@ impl Job {
         for name in ["status", "console.log"] {
             let _ = fs::remove_file(self.dir.join(name));
         }
-        let socket = self.dir.join("virtiofsd.sock");
+        // In the temporary directory, not the job's: a Unix socket path holds 107 bytes,
+        // which a job directory with a long test name in a deep checkout can exceed.
+        let socket = std::env::temp_dir().join(format!(
+            "ember-testbed-{}-{}.sock",
+            std::process::id(),
+            JOB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = fs::remove_file(&socket);
         let virtiofsd = spawn_virtiofsd(&socket, &self.dir)?;
         let _virtiofsd = KillOnDrop(virtiofsd);
+        let _socket_file = RemoveOnDrop(socket.clone());
         wait_for_socket(&socket)?;
         let mut qemu = self.qemu_command(bed, &socket).spawn().map_err(|e| {
             format!(
@@ -353,6 +366,8 @@ impl Job {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut booted = false;
+        let console = self.dir.join("console.log");
+        let (mut last_len, mut last_growth) = (0u64, started);
         let finished = loop {
             match qemu.try_wait() {
                 Ok(Some(_)) => break true,
@@ -373,6 +388,25 @@ impl Job {
                 let _ = qemu.kill();
                 let _ = qemu.wait();
                 break false;
+            }
+            let console_len = fs::metadata(&console).map_or(0, |m| m.len());
+            if console_len != last_len {
+                (last_len, last_growth) = (console_len, now);
+            } else if now > last_growth + FROZEN_LIMIT {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                // Said on the console, which the retry and failure reports show.
+                let _ = fs::OpenOptions::new()
+                    .append(true)
+                    .open(&console)
+                    .and_then(|mut f| {
+                        writeln!(
+                            f,
+                            "testbed: the level-1 VM froze: no console output, not even its \
+                             heartbeat, for {FROZEN_LIMIT:?}; stopped it"
+                        )
+                    });
+                break true;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -589,6 +623,14 @@ fn wait_for_socket(socket: &Path) -> Result<(), String> {
 
 struct KillOnDrop(Child);
 
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -596,12 +638,20 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// An exclusive lock on the test bed, held while a level-1 VM runs.
+/// An exclusive lock on the test bed, held while a level-1 VM runs. Machine-wide (next to
+/// the prepared bed in the cache, not in a checkout): one level-1 VM already uses both
+/// cores of a small machine, whichever checkout or worktree started it.
 struct BedLock(File);
 
 impl BedLock {
     fn acquire() -> Result<Self, String> {
-        let path = repo_root().join("target/testbed/lock");
+        let cache = std::env::var_os("EMBER_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ember")))
+            .unwrap_or_else(|| repo_root().join("target"));
+        fs::create_dir_all(&cache)
+            .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
+        let path = cache.join("testbed.lock");
         let file = File::options()
             .create(true)
             .truncate(false)

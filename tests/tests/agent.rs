@@ -319,14 +319,14 @@ fn files_move_both_ways_intact() {
             Default::default(),
             |_| {},
         )
-        .unwrap();
+        .unwrap_or_else(|e| panic!("upload: {e}\n{}", vm.console()));
     assert_eq!(written, size as u64);
     let guest_sum = vm.sh("md5sum /tmp/big.bin");
     assert_eq!(guest_sum.split_whitespace().next(), Some(want.as_str()));
     let mut back = Vec::with_capacity(size);
     client
         .read_file("/tmp/big.bin", &mut back, |_, _| {})
-        .unwrap();
+        .unwrap_or_else(|e| panic!("download: {e}\n{}", vm.console()));
     assert_eq!(back.len(), size);
     assert_eq!(md5_hex(&back), want);
     drop(back);

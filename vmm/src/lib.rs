@@ -280,16 +280,6 @@ impl Vmm {
         })
     }
 
-    /// Starts the vCPUs and runs the event loop until the guest stops or a vCPU fails.
-    pub fn run(mut self) -> Result<VmOutcome, VmmError> {
-        self.start()?;
-        loop {
-            if let Some(outcome) = self.run_events(-1)? {
-                return Ok(outcome);
-            }
-        }
-    }
-
     /// Starts the vCPU threads (each installs its seccomp filter before it enters the
     /// guest), then installs the VMM filter on the calling thread, which from here on
     /// serves the devices: guest-driven work only ever runs filtered.

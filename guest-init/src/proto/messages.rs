@@ -143,7 +143,8 @@ impl ExitStatus {
     pub fn shell_code(&self) -> i32 {
         match (self.code, self.signal) {
             (Some(code), _) => code,
-            (None, Some(signal)) => 128 + signal,
+            // The signal comes from the peer's JSON: saturate rather than overflow.
+            (None, Some(signal)) => 128_i32.saturating_add(signal),
             (None, None) => 255,
         }
     }

@@ -332,3 +332,23 @@ fn error_bodies_round_trip_and_tolerate_new_codes() {
         "unsupported_version"
     );
 }
+
+/// Found by the agent_frame fuzz target: a peer's exit status with a huge signal number
+/// overflowed `128 + signal`.
+#[test]
+fn shell_code_of_a_hostile_signal_does_not_overflow() {
+    let frame = Frame {
+        kind: FrameKind::Response,
+        payload: br#"{"exit":{"signal":2147483647}}"#.to_vec(),
+    };
+    let ExecResponse::Exit(status) = frame.json::<ExecResponse>().unwrap() else {
+        panic!("an exit response");
+    };
+    assert_eq!(status.shell_code(), i32::MAX);
+    let normal = ExitStatus {
+        code: None,
+        signal: Some(9),
+        timed_out: false,
+    };
+    assert_eq!(normal.shell_code(), 137);
+}

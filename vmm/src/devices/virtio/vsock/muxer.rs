@@ -26,6 +26,9 @@ use super::{bump, unix, VsockCounters, VsockError, HOST_CID};
 
 /// Most host clients and connections alive at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// VMM-initiated resets a device logs before it only counts them (a hostile guest can cause
+/// any number).
+const MAX_LOGGED_RESETS: u32 = 16;
 /// Most RSTs waiting for receive buffers; beyond, they are dropped (and counted).
 pub const MAX_QUEUED_RESETS: usize = 256;
 /// How long a host client may take to send its line and the guest to answer its REQUEST.
@@ -59,6 +62,8 @@ pub struct Muxer {
     next_port: u32,
     next_token: u32,
     counters: Arc<VsockCounters>,
+    /// VMM-initiated resets of live connections logged so far.
+    logged_resets: u32,
 }
 
 impl Muxer {
@@ -80,6 +85,7 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             next_token: FIRST_TOKEN,
             counters,
+            logged_resets: 0,
         })
     }
 
@@ -187,7 +193,11 @@ impl Muxer {
         match (packet.op, self.conns.get_mut(&key)) {
             (Op::Request, None) => self.guest_connect(key, header, watcher),
             // The guest reuses a live pair: both ends are confused, so both go.
-            (Op::Request, Some(_)) => self.reset(key, watcher),
+            (Op::Request, Some(_)) => self.reset(
+                key,
+                "the guest sent a REQUEST for an open connection",
+                watcher,
+            ),
             (Op::Rst, None) => {}
             (_, None) => self.queue_reset(key),
             (op, Some(conn)) => {
@@ -207,7 +217,7 @@ impl Muxer {
             peer_port: header.src_port,
         };
         if self.conns.contains_key(&key) {
-            self.reset(key, watcher);
+            self.reset(key, "the guest sent a malformed packet on it", watcher);
         } else if header.op != Op::Rst.raw() {
             self.queue_reset(key);
         }
@@ -243,13 +253,17 @@ impl Muxer {
     fn settle(&mut self, key: ConnKey, verdict: Verdict, watcher: &mut dyn Watcher) {
         match verdict {
             Verdict::Close => self.remove(key, watcher),
-            Verdict::Reset => self.reset(key, watcher),
+            Verdict::Reset => self.reset(
+                key,
+                "the guest broke its credit or shutdown rules, or the host socket failed",
+                watcher,
+            ),
             Verdict::Keep => {
                 let Some(conn) = self.conns.get_mut(&key) else {
                     return;
                 };
                 if conn.is_finished() {
-                    self.reset(key, watcher);
+                    self.reset(key, "", watcher);
                 } else if conn.has_rx_work() && !conn.in_rx_queue {
                     conn.in_rx_queue = true;
                     self.rx_ready.push_back(key);
@@ -266,12 +280,38 @@ impl Muxer {
             peer_port: sent.dst_port,
         };
         if sent.op != Op::Rst.raw() {
-            self.reset(key, watcher);
+            self.reset(
+                key,
+                "a packet for the guest did not fit its receive buffer",
+                watcher,
+            );
         }
     }
 
-    /// Drops a connection and owes the guest a RST for it.
-    fn reset(&mut self, key: ConnKey, watcher: &mut dyn Watcher) {
+    /// Drops a connection and owes the guest a RST for it. `why` is logged (a warning, for
+    /// the first [`MAX_LOGGED_RESETS`] of the device) unless empty: a finished connection's
+    /// RST is its normal end.
+    fn reset(&mut self, key: ConnKey, why: &str, watcher: &mut dyn Watcher) {
+        if !why.is_empty() && self.conns.contains_key(&key) {
+            self.logged_resets = self.logged_resets.saturating_add(1);
+            if self.logged_resets <= MAX_LOGGED_RESETS {
+                let more = if self.logged_resets == MAX_LOGGED_RESETS {
+                    " (further resets are only counted in the metrics)"
+                } else {
+                    ""
+                };
+                crate::rpc::logger::log(
+                    api::requests::LogLevel::Warning,
+                    "vsock",
+                    &format!(
+                        "{}: reset the connection of host port {} and guest port {}: {why}{more}",
+                        self.uds_path.display(),
+                        key.local_port,
+                        key.peer_port
+                    ),
+                );
+            }
+        }
         self.remove(key, watcher);
         self.queue_reset(key);
     }
@@ -340,7 +380,7 @@ impl Muxer {
             conn.in_rx_queue = false;
             match conn.next_packet(room, buf) {
                 Outgoing::Nothing => skipped.push(key),
-                Outgoing::Reset => self.reset(key, watcher),
+                Outgoing::Reset => self.reset(key, "reading the host socket failed", watcher),
                 Outgoing::Packet { op, flags, len } => {
                     let credit = conn.stamp();
                     let header = self.header(key, op, flags, len, credit);
@@ -393,7 +433,11 @@ impl Muxer {
             .map(|c| c.key)
             .collect();
         for key in late {
-            self.reset(key, watcher);
+            self.reset(
+                key,
+                "the guest did not answer the connection request in time",
+                watcher,
+            );
             bump(&self.counters.timeouts, 1);
         }
     }

@@ -24,19 +24,8 @@ fn event_buffer(id: u16) -> u64 {
 impl Guest<'_> {
     /// Offers event buffer `id`: `len` bytes at `addr` with descriptor `flags`.
     fn post_event_buffer(&self, id: u16, addr: u64, len: u32, flags: u16) {
-        let desc = Descriptor::new(addr, len, flags, 0);
-        self.ev
-            .desc_table()
-            .store(id, RawDescriptor::from(desc))
-            .unwrap();
-        let idx = self.ev.avail().idx().load();
-        self.ev
-            .avail()
-            .ring()
-            .ref_at(usize::from(idx % QUEUE_SIZE))
-            .unwrap()
-            .store(id);
-        self.ev.avail().idx().store(idx.wrapping_add(1));
+        self.ev.store(id, Descriptor::new(addr, len, flags, 0));
+        self.ev.offer(id);
     }
 
     fn post_event_buffers(&self, count: u16) {

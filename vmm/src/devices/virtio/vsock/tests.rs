@@ -118,16 +118,24 @@ impl<'m> Ring<'m> {
         }
     }
 
-    fn desc_table(&self) -> &DescriptorTable<'m, GuestMemoryMmap> {
-        &self.desc
-    }
-
-    fn avail(&self) -> &AvailRing<'m, GuestMemoryMmap> {
-        &self.avail
-    }
-
     fn used(&self) -> &UsedRing<'m, GuestMemoryMmap> {
         &self.used
+    }
+
+    /// Writes descriptor `id`.
+    fn store(&self, id: u16, desc: Descriptor) {
+        self.desc.store(id, RawDescriptor::from(desc)).unwrap();
+    }
+
+    /// Makes the chain starting at descriptor `head` available to the device.
+    fn offer(&self, head: u16) {
+        let idx = self.avail.idx().load();
+        self.avail
+            .ring()
+            .ref_at(usize::from(idx % QUEUE_SIZE))
+            .unwrap()
+            .store(head);
+        self.avail.idx().store(idx.wrapping_add(1));
     }
 
     fn create_queue(&self) -> Queue {
@@ -189,19 +197,9 @@ impl<'m> Guest<'m> {
 
     fn post_rx(&self, id: u16) {
         let addr = RX_BUFS + u64::from(id) * 0x2000;
-        let desc = Descriptor::new(addr, RX_BUF_LEN, F_WRITE, 0);
         self.rx
-            .desc_table()
-            .store(id, RawDescriptor::from(desc))
-            .unwrap();
-        let idx = self.rx.avail().idx().load();
-        self.rx
-            .avail()
-            .ring()
-            .ref_at(usize::from(idx % QUEUE_SIZE))
-            .unwrap()
-            .store(id);
-        self.rx.avail().idx().store(idx.wrapping_add(1));
+            .store(id, Descriptor::new(addr, RX_BUF_LEN, F_WRITE, 0));
+        self.rx.offer(id);
     }
 
     fn post_all_rx(&self) {
@@ -233,19 +231,9 @@ impl<'m> Guest<'m> {
             ),
         ];
         for (i, d) in descs {
-            self.tx
-                .desc_table()
-                .store(i, RawDescriptor::from(d))
-                .unwrap();
+            self.tx.store(i, d);
         }
-        let idx = self.tx.avail().idx().load();
-        self.tx
-            .avail()
-            .ring()
-            .ref_at(usize::from(idx % QUEUE_SIZE))
-            .unwrap()
-            .store(head);
-        self.tx.avail().idx().store(idx.wrapping_add(1));
+        self.tx.offer(head);
         true
     }
 
@@ -933,20 +921,8 @@ impl World<'_> {
             .write_slice(&h.to_bytes(), GuestAddress(base))
             .unwrap();
         let d = Descriptor::new(base, HEADER_LEN as u32, F_WRITE, 0);
-        self.guest
-            .tx
-            .desc_table()
-            .store(slot * 2, RawDescriptor::from(d))
-            .unwrap();
-        let idx = self.guest.tx.avail().idx().load();
-        self.guest
-            .tx
-            .avail()
-            .ring()
-            .ref_at(usize::from(idx % QUEUE_SIZE))
-            .unwrap()
-            .store(slot * 2);
-        self.guest.tx.avail().idx().store(idx.wrapping_add(1));
+        self.guest.tx.store(slot * 2, d);
+        self.guest.tx.offer(slot * 2);
     }
 }
 
