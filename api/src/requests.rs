@@ -35,6 +35,8 @@ pub enum VmmAction {
     FlushMetrics,
     Pause,
     Resume,
+    CreateSnapshot(SnapshotCreateParams),
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// The VMM's successful answers.
@@ -166,6 +168,94 @@ pub struct NetworkInterfacePatch {
     pub tx_rate_limiter: Option<serde_json::Value>,
 }
 
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/create`: save a paused VM to a state file and a memory file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+}
+
+/// `mem_backend.backend_type` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`: where guest memory comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: PathBuf,
+}
+
+/// One entry of `network_overrides`: the TAP a restored interface uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`: the Unix socket path of the restored vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
+/// `PUT /snapshot/load`, in Firecracker's shape; the older `mem_file_path` is accepted in
+/// place of `mem_backend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file to map: `mem_backend.backend_path` (backend `File`) or the older
+    /// `mem_file_path`; exactly one of the two must be given.
+    pub fn mem_file(&self) -> Result<&PathBuf, Fault> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => Err(Fault(
+                "snapshot/load: give either mem_backend or mem_file_path, not both".into(),
+            )),
+            (None, None) => Err(Fault(
+                "snapshot/load: mem_backend is missing; give {\"backend_type\": \"File\", \"backend_path\": ...}".into(),
+            )),
+            (Some(b), None) if b.backend_type == MemBackendType::Uffd => Err(Fault(
+                "snapshot/load.mem_backend.backend_type: Uffd is not supported by this version of Ember; use File".into(),
+            )),
+            (Some(b), None) => Ok(&b.backend_path),
+            (None, Some(path)) => Ok(path),
+        }
+    }
+}
+
 /// Why a request matched no action: the HTTP status and the fault message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -255,6 +345,14 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<VmmAction, RouteEr
                 VmStateRequest::Resumed => VmmAction::Resume,
             })
         }
+        ("PUT", ["snapshot", "create"]) => {
+            parse_body("snapshot/create", body).map(VmmAction::CreateSnapshot)
+        }
+        ("PUT", ["snapshot", "load"]) => {
+            let params: SnapshotLoadParams = parse_body("snapshot/load", body)?;
+            params.mem_file().map_err(|f| bad_request(f.0))?;
+            Ok(VmmAction::LoadSnapshot(params))
+        }
         (_, segments) => Err(wrong_method_or_path(method, path, segments)),
     }
 }
@@ -264,6 +362,7 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     Some(match segments {
         [] | ["version"] | ["vm", "config"] => "GET",
         ["boot-source"] | ["vsock"] | ["logger"] | ["metrics"] | ["actions"] => "PUT",
+        ["snapshot", "create" | "load"] => "PUT",
         ["machine-config"] => "GET, PUT or PATCH",
         ["drives", _] | ["network-interfaces", _] => "PUT or PATCH",
         ["vm"] => "PATCH",

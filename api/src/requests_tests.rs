@@ -281,3 +281,44 @@ fn answers_become_responses() {
     assert_eq!(version.status, 200);
     assert_eq!(version.body.unwrap(), r#"{"firecracker_version":"0.1.0"}"#);
 }
+
+#[test]
+fn snapshot_bodies_route_in_firecrackers_shapes() {
+    let create = route(
+        "PUT",
+        "/snapshot/create",
+        br#"{"snapshot_type": "Full", "snapshot_path": "s", "mem_file_path": "m"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        create,
+        VmmAction::CreateSnapshot(SnapshotCreateParams {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: "s".into(),
+            mem_file_path: "m".into(),
+        })
+    );
+    let body =
+        br#"{"snapshot_path": "s", "mem_backend": {"backend_type": "File", "backend_path": "m"},
+        "resume_vm": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}],
+        "vsock_override": {"uds_path": "v.sock"}}"#;
+    let VmmAction::LoadSnapshot(load) = route("PUT", "/snapshot/load", body).unwrap() else {
+        panic!("not a load");
+    };
+    assert_eq!(load.mem_file().unwrap(), &PathBuf::from("m"));
+    assert!(load.resume_vm && !load.track_dirty_pages);
+    assert_eq!(load.network_overrides[0].host_dev_name, "tap1");
+    let old = br#"{"snapshot_path": "s", "mem_file_path": "m"}"#;
+    let VmmAction::LoadSnapshot(load) = route("PUT", "/snapshot/load", old).unwrap() else {
+        panic!("not a load");
+    };
+    assert_eq!(load.mem_file().unwrap(), &PathBuf::from("m"));
+    let none = fault("PUT", "/snapshot/load", r#"{"snapshot_path": "s"}"#);
+    assert!(none.message.contains("mem_backend is missing"), "{none}");
+    let uffd =
+        r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#;
+    assert!(fault("PUT", "/snapshot/load", uffd)
+        .message
+        .contains("Uffd is not supported"));
+    assert_eq!(fault("GET", "/snapshot/create", "").status, 400);
+}

@@ -10,6 +10,7 @@ pub mod arch;
 pub mod device_manager;
 pub mod devices;
 pub mod metrics;
+pub mod persist;
 pub mod rpc;
 pub mod seccomp;
 pub mod snapshot;
@@ -22,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::models::{
-    parse_mac, BootSource, CacheType, Drive, ModelError, NetworkInterface, VmConfig, VsockConfig,
-    MAX_BOOT_ARGS_LEN,
+    parse_mac, BootSource, CacheType, Drive, MachineConfig, ModelError, NetworkInterface, VmConfig,
+    VsockConfig, MAX_BOOT_ARGS_LEN,
 };
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
@@ -37,7 +38,8 @@ use arch::x86_64::BOOT_TIMER_PORT;
 use device_manager::{DeviceError, MmioDeviceManager};
 use devices::bus::lock;
 use devices::legacy::{
-    i8042, serial, BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042,
+    i8042, serial, BootTimer, BootTimerArgs, EventFdTrigger, I8042Args, LegacyState, SerialArgs,
+    SerialConsole, SerialInput, I8042,
 };
 use devices::virtio::block::{Block, BlockError, DriveSpec};
 use devices::virtio::net::{Net, NetError, NetSpec};
@@ -89,6 +91,8 @@ pub enum VmmError {
     AlreadyStarted,
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Snapshot(#[from] persist::PersistError),
     #[error("boot-source.boot_args: with the device arguments the kernel command line is {0} bytes; the limit is {max}", max = MAX_BOOT_ARGS_LEN - 1)]
     CmdlineTooLong(usize),
 }
@@ -151,12 +155,18 @@ pub struct Vmm {
     // Field order matters for drop: vCPUs go before the VM, the VM before guest memory.
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
-    /// Held so the VM and its memory slots outlive the vCPU threads.
-    _vm: KvmVm,
-    _guest_memory: Arc<GuestMemoryMmap>,
+    /// Held so the VM and its memory slots outlive the vCPU threads; saved in snapshots.
+    vm: KvmVm,
+    guest_memory: Arc<GuestMemoryMmap>,
+    /// The configuration the VM was built with (vCPUs, memory), recorded in snapshots.
+    machine: MachineConfig,
     event_manager: EventManager<Subscriber>,
     exits: Arc<Mutex<ExitWatcher>>,
+    serial: Arc<Mutex<SerialConsole>>,
     i8042: Arc<Mutex<I8042>>,
+    boot_timer: Arc<Mutex<BootTimer>>,
+    /// The virtio devices as placed, for snapshots.
+    mmio: MmioDeviceManager,
     drives: Vec<Arc<Mutex<Block>>>,
     counters: DeviceCounters,
     exit_counters: Arc<VcpuExitCounters>,
@@ -225,16 +235,17 @@ impl Vmm {
         let exits = Arc::new(Mutex::new(exits));
         event_manager.add_subscriber(exits.clone());
 
-        let legacy = legacy_devices(&vm, reset, options, console)?;
+        let legacy = legacy_devices(&vm, reset, options, console, None)?;
         event_manager.add_subscriber(legacy.console_input);
         let mut devices = DeviceSetup::new(&vm, legacy.buses, &guest_memory, &mut event_manager);
-        devices.counters.boot_timer = Some(legacy.boot_timer);
+        devices.counters.boot_timer = Some(legacy.boot_timer.clone());
         let root_args = devices.attach_drives(&config.drives)?;
         devices.attach_network(&config.network_interfaces)?;
         if let Some(vsock) = &config.vsock {
             devices.attach_vsock(vsock)?;
         }
-        let (buses, device_args, drives, counters) = devices.finish();
+        let (buses, mmio, drives, counters) = devices.finish();
+        let device_args = mmio.kernel_args();
 
         let cmdline = compose_cmdline(&[&device_args, &root_args, boot_source.boot_args()])?;
         let mem_bytes = (machine.mem_size_mib as u64) << 20;
@@ -254,11 +265,15 @@ impl Vmm {
         Ok(Self {
             vcpus,
             handles: Vec::new(),
-            _vm: vm,
-            _guest_memory: guest_memory,
+            vm,
+            guest_memory,
+            machine: machine.clone(),
             event_manager,
             exits,
+            serial: legacy.serial,
             i8042: legacy.i8042,
+            boot_timer: legacy.boot_timer,
+            mmio,
             drives,
             counters,
             exit_counters,
@@ -271,6 +286,20 @@ impl Vmm {
     pub fn start(&mut self) -> Result<(), VmmError> {
         for vcpu in std::mem::take(&mut self.vcpus) {
             self.handles.push(vcpu.start()?);
+        }
+        seccomp::install(seccomp::ThreadKind::Vmm)?;
+        Ok(())
+    }
+
+    /// Starts the vCPU threads parked, as a paused VM (a snapshot restored without
+    /// `resume_vm`): no vCPU enters the guest until [`Vmm::resume`]. Then installs the VMM
+    /// filter, as [`Vmm::start`] does.
+    pub fn start_paused(&mut self) -> Result<(), VmmError> {
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            self.handles.push(vcpu.start_paused()?);
+        }
+        for handle in &self.handles {
+            handle.wait_for(VcpuEvent::Pause, VCPU_ANSWER_TIMEOUT)?;
         }
         seccomp::install(seccomp::ThreadKind::Vmm)?;
         Ok(())
@@ -496,11 +525,17 @@ impl<'a> DeviceSetup<'a> {
         Ok(())
     }
 
-    /// The finished buses, shared by the vCPUs, the devices' kernel arguments, the drives
-    /// and the device counters.
-    fn finish(self) -> (Arc<Buses>, String, Vec<Arc<Mutex<Block>>>, DeviceCounters) {
-        let args = self.mmio.kernel_args();
-        (Arc::new(self.buses), args, self.drives, self.counters)
+    /// The finished buses, shared by the vCPUs, the device manager (kernel arguments,
+    /// snapshots), the drives and the device counters.
+    fn finish(
+        self,
+    ) -> (
+        Arc<Buses>,
+        MmioDeviceManager,
+        Vec<Arc<Mutex<Block>>>,
+        DeviceCounters,
+    ) {
+        (Arc::new(self.buses), self.mmio, self.drives, self.counters)
     }
 }
 
@@ -509,16 +544,19 @@ struct LegacyDevices {
     buses: Buses,
     /// Feeds stdin to the serial console.
     console_input: Subscriber,
+    serial: Arc<Mutex<SerialConsole>>,
     i8042: Arc<Mutex<I8042>>,
     boot_timer: Arc<Mutex<BootTimer>>,
 }
 
-/// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus.
+/// Serial console (IRQ 4), i8042 and the boot timer on the port I/O bus: new, or restored
+/// from `saved` (a snapshot load).
 fn legacy_devices(
     vm: &KvmVm,
     reset: EventFdTrigger,
     options: VmmOptions,
     console: Box<dyn Write + Send>,
+    saved: Option<&LegacyState>,
 ) -> Result<LegacyDevices, VmmError> {
     let mut buses = Buses::default();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("the serial IRQ"))?;
@@ -526,13 +564,21 @@ fn legacy_devices(
         .register_irqfd(&serial_irq, serial::SERIAL_IRQ)
         .map_err(|e| VmmError::Irqfd("the serial console", serial::SERIAL_IRQ, e))?;
     let input_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err("serial input"))?;
-    let console = Arc::new(Mutex::new(SerialConsole::new(
-        EventFdTrigger(serial_irq),
-        input_ready
+    let serial_args = SerialArgs {
+        interrupt: EventFdTrigger(serial_irq),
+        input_ready: input_ready
             .try_clone()
             .map_err(eventfd_err("serial input"))?,
-        console,
-    )));
+        out: console,
+    };
+    let console = Arc::new(Mutex::new(match saved {
+        Some(saved) => persist::restore_serial(serial_args, &saved.serial)?,
+        None => SerialConsole::new(
+            serial_args.interrupt,
+            serial_args.input_ready,
+            serial_args.out,
+        ),
+    }));
     buses
         .pio
         .insert(serial::SERIAL_BASE, serial::SERIAL_LEN, console.clone())
@@ -541,21 +587,36 @@ fn legacy_devices(
     vm.fd
         .register_irqfd(&kbd_irq, i8042::I8042_KBD_IRQ)
         .map_err(|e| VmmError::Irqfd("the i8042 keyboard", i8042::I8042_KBD_IRQ, e))?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(reset, EventFdTrigger(kbd_irq))));
+    let i8042_args = I8042Args {
+        reset,
+        kbd_irq: EventFdTrigger(kbd_irq),
+    };
+    let i8042 = Arc::new(Mutex::new(match saved {
+        Some(saved) => persist::restore_i8042(i8042_args, &saved.i8042)?,
+        None => I8042::new(i8042_args.reset, i8042_args.kbd_irq),
+    }));
     buses
         .pio
         .insert(i8042::I8042_BASE, i8042::I8042_LEN, i8042.clone())
         .map_err(|e| VmmError::Bus("the i8042 controller", e))?;
-    let timer = BootTimer::new(options.process_start, options.print_boot_time);
+    let timer_args = BootTimerArgs {
+        process_start: options.process_start,
+        print: options.print_boot_time,
+    };
+    let timer = match saved {
+        Some(saved) => persist::restore_boot_timer(timer_args, &saved.boot_timer),
+        None => BootTimer::new(timer_args.process_start, timer_args.print),
+    };
     let boot_timer = Arc::new(Mutex::new(timer));
     buses
         .pio
         .insert(u64::from(BOOT_TIMER_PORT), 1, boot_timer.clone())
         .map_err(|e| VmmError::Bus("the boot timer", e))?;
-    let input = SerialInput::new(console, std::io::stdin(), input_ready);
+    let input = SerialInput::new(console.clone(), std::io::stdin(), input_ready);
     Ok(LegacyDevices {
         buses,
         console_input: Arc::new(Mutex::new(input)),
+        serial: console,
         i8042,
         boot_timer,
     })

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use api::models::{LogLevel, VmConfig};
 use clap::Parser;
-use vmm::rpc::{self, logger, server, Controller, Launcher, PreconfigureError, RunError};
+use vmm::rpc::{self, logger, server, Controller, Launcher, PreconfigureError, Restorer, RunError};
 use vmm::{seccomp, VmOutcome, Vmm, VmmError, VmmOptions};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -158,7 +158,13 @@ fn run_vmm(
 ) -> Result<VmOutcome, Failure> {
     let api = socket.map(ApiSocket::bind).transpose()?;
     let wake = api.as_ref().map(|a| a.wake_for_vmm()).transpose()?;
-    let mut controller = Controller::new(cli.id.clone(), launcher(options, wake));
+    let restore_wake = wake
+        .as_ref()
+        .map(EventFd::try_clone)
+        .transpose()
+        .map_err(|e| Failure::Vmm(VmmError::EventFd("API requests", e)))?;
+    let mut controller = Controller::new(cli.id.clone(), launcher(options, wake))
+        .with_restorer(restorer(options, restore_wake));
     // Without the API thread the sender is dropped: no request ever arrives.
     let (requests_tx, requests) = channel();
     if let Some(api) = api {
@@ -213,5 +219,27 @@ fn launcher(options: VmmOptions, wake: Option<EventFd>) -> Launcher<Vmm> {
         }
         vmm.start()?;
         Ok(vmm)
+    })
+}
+
+/// Builds a VM from a snapshot on `PUT /snapshot/load` and starts it running or paused.
+/// Everything is restored before [`Vmm::start`] installs the VMM thread's seccomp filter, so
+/// that filter needs none of the calls restoring makes.
+fn restorer(options: VmmOptions, wake: Option<EventFd>) -> Restorer<Vmm> {
+    Box::new(move |params| {
+        let mut vmm = Vmm::load_snapshot(params, options, Box::new(std::io::stdout()))?;
+        if let Some(wake) = &wake {
+            let wake = wake
+                .try_clone()
+                .map_err(|e| VmmError::EventFd("API requests", e))?;
+            vmm.add_wakeup(wake);
+        }
+        if params.resume_vm {
+            vmm.start()?;
+        } else {
+            vmm.start_paused()?;
+        }
+        let machine = vmm.machine_config();
+        Ok((vmm, machine))
     })
 }

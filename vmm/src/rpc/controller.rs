@@ -10,9 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use api::models::{LogLevel, LoggerConfig, MetricsConfig, VmConfig};
+use api::models::{LogLevel, LoggerConfig, MachineConfig, MetricsConfig, VmConfig};
 use api::requests::{
-    DrivePatch, Fault, InstanceInfo, NetworkInterfacePatch, VersionInfo, VmmAction, VmmData,
+    DrivePatch, Fault, InstanceInfo, NetworkInterfacePatch, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType, VersionInfo, VmmAction, VmmData,
 };
 
 use super::logger;
@@ -46,6 +47,8 @@ pub trait Machine {
     fn resume(&mut self) -> Result<(), VmmError>;
     fn send_ctrl_alt_del(&mut self);
     fn update_drive(&mut self, drive_id: &str, path: &Path) -> Result<(), VmmError>;
+    /// Writes a full snapshot of the paused VM: memory to `mem_path`, state to `state_path`.
+    fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError>;
     fn device_counters(&self) -> DeviceCounters;
     fn exit_counters(&self) -> Arc<VcpuExitCounters>;
     /// Serves the VM's events for up to `timeout_ms` (-1: until one arrives); `Some` once
@@ -56,6 +59,10 @@ pub trait Machine {
 /// Builds and starts the VM from a complete configuration.
 pub type Launcher<M> = Box<dyn FnMut(&VmConfig) -> Result<M, VmmError>>;
 
+/// Builds a VM from a snapshot and starts it, running or paused per `resume_vm`; returns it
+/// with the machine configuration it was saved with.
+pub type Restorer<M> = Box<dyn FnMut(&SnapshotLoadParams) -> Result<(M, MachineConfig), VmmError>>;
+
 /// The state machine behind the API.
 pub struct Controller<M: Machine> {
     id: String,
@@ -63,6 +70,7 @@ pub struct Controller<M: Machine> {
     config: VmConfig,
     machine: Option<M>,
     launch: Launcher<M>,
+    restore: Option<Restorer<M>>,
     metrics: Metrics,
     sink: Option<MetricsSink>,
     last_flush: Instant,
@@ -84,10 +92,17 @@ impl<M: Machine> Controller<M> {
             config: VmConfig::default(),
             machine: None,
             launch,
+            restore: None,
             metrics: Metrics::default(),
             sink: None,
             last_flush: Instant::now(),
         }
+    }
+
+    /// Lets `PUT /snapshot/load` build VMs with `restore`.
+    pub fn with_restorer(mut self, restore: Restorer<M>) -> Self {
+        self.restore = Some(restore);
+        self
     }
 
     pub fn state(&self) -> VmState {
@@ -204,6 +219,17 @@ impl<M: Machine> Controller<M> {
             )),
             (Running | Paused, A::PutNetworkInterface(_)) => Err(after_start("network-interfaces")),
             (Running | Paused, A::PutVsock(_)) => Err(after_start("vsock")),
+            (Paused, A::CreateSnapshot(params)) => self.create_snapshot(&params),
+            (Running, A::CreateSnapshot(_)) => Err(fault(
+                "snapshot/create: the VM is running; pause it first (PATCH /vm {\"state\": \"Paused\"})",
+            )),
+            (NotStarted, A::CreateSnapshot(_)) => Err(fault(
+                "snapshot/create: the VM is not started; there is nothing to snapshot",
+            )),
+            (NotStarted, A::LoadSnapshot(params)) => self.load_snapshot(&params),
+            (Running | Paused, A::LoadSnapshot(_)) => Err(fault(
+                "snapshot/load: this ember already runs a VM; load a snapshot into a fresh ember process",
+            )),
         }
     }
 
@@ -310,6 +336,65 @@ impl<M: Machine> Controller<M> {
         self.machine = Some(machine);
         self.state = VmState::Running;
         Ok(())
+    }
+
+    fn create_snapshot(&mut self, params: &SnapshotCreateParams) -> Result<VmmData, Fault> {
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(fault(
+                "snapshot/create.snapshot_type: Diff snapshots are not supported by this \
+                 version of Ember yet; use Full",
+            ));
+        }
+        if params.snapshot_path == params.mem_file_path {
+            return Err(fault(
+                "snapshot/create: snapshot_path and mem_file_path are the same file; give two paths",
+            ));
+        }
+        self.running()?
+            .save_snapshot(&params.snapshot_path, &params.mem_file_path)
+            .map_err(|e| fault(format!("snapshot/create: {e}; the VM is still paused")))?;
+        Ok(VmmData::Empty)
+    }
+
+    /// True once any part of a VM to boot was configured (logger and metrics aside).
+    fn boot_configured(&self) -> bool {
+        let c = &self.config;
+        c.boot_source.is_some()
+            || !c.drives.is_empty()
+            || !c.network_interfaces.is_empty()
+            || c.vsock.is_some()
+            || c.machine_config != MachineConfig::default()
+    }
+
+    fn load_snapshot(&mut self, params: &SnapshotLoadParams) -> Result<VmmData, Fault> {
+        if params.track_dirty_pages {
+            return Err(fault(
+                "snapshot/load.track_dirty_pages: dirty page tracking (for Diff snapshots) is \
+                 not supported by this version of Ember yet; leave it false",
+            ));
+        }
+        if self.boot_configured() {
+            return Err(fault(
+                "snapshot/load: this VM is already being configured for a boot; load a \
+                 snapshot into a fresh ember process with nothing configured",
+            ));
+        }
+        let restore = self
+            .restore
+            .as_mut()
+            .ok_or_else(|| fault("snapshot/load: this ember cannot load snapshots"))?;
+        let (machine, machine_config) =
+            restore(params).map_err(|e| fault(format!("snapshot/load: {e}")))?;
+        self.metrics.devices = machine.device_counters();
+        self.metrics.vcpu_exits = machine.exit_counters();
+        self.machine = Some(machine);
+        self.config.machine_config = machine_config;
+        self.state = if params.resume_vm {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        Ok(VmmData::Empty)
     }
 
     fn set_paused(&mut self, pause: bool) -> Result<VmmData, Fault> {

@@ -43,6 +43,11 @@ impl Machine for FakeMachine {
         self.0.borrow_mut().log.push(call);
         Ok(())
     }
+    fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
+        let call = format!("snapshot {} {}", state_path.display(), mem_path.display());
+        self.0.borrow_mut().log.push(call);
+        Ok(())
+    }
     fn device_counters(&self) -> DeviceCounters {
         DeviceCounters::default()
     }
@@ -523,4 +528,89 @@ fn without_a_metrics_destination_the_loop_waits_for_events_only() {
     let (_tx, requests) = std::sync::mpsc::channel();
     rpc::run(&mut c, &requests).unwrap();
     assert_eq!(calls.borrow().rounds, [-1]);
+}
+
+fn create(path: &str, kind: api::requests::SnapshotType) -> VmmAction {
+    VmmAction::CreateSnapshot(api::requests::SnapshotCreateParams {
+        snapshot_type: kind,
+        snapshot_path: format!("{path}.state").into(),
+        mem_file_path: format!("{path}.mem").into(),
+    })
+}
+
+fn load(resume_vm: bool, track_dirty_pages: bool) -> VmmAction {
+    VmmAction::LoadSnapshot(api::requests::SnapshotLoadParams {
+        snapshot_path: "s.state".into(),
+        mem_backend: None,
+        mem_file_path: Some("s.mem".into()),
+        track_dirty_pages,
+        resume_vm,
+        network_overrides: Vec::new(),
+        vsock_override: None,
+    })
+}
+
+fn with_restorer(
+    c: Controller<FakeMachine>,
+    calls: &Rc<RefCell<Calls>>,
+) -> Controller<FakeMachine> {
+    let for_restore = calls.clone();
+    c.with_restorer(Box::new(move |params| {
+        let call = format!("restore {}", params.snapshot_path.display());
+        for_restore.borrow_mut().log.push(call);
+        let machine = api::models::MachineConfig {
+            vcpu_count: 2,
+            ..Default::default()
+        };
+        Ok((FakeMachine(for_restore.clone()), machine))
+    }))
+}
+
+#[test]
+fn snapshots_are_created_only_from_a_paused_vm() {
+    use api::requests::SnapshotType::{Diff, Full};
+    let files = Files::new();
+    let (mut c, calls) = controller();
+    assert!(refused(&mut c, create("a", Full)).contains("not started"));
+    c.handle(files.boot()).unwrap();
+    c.handle(files.drive("root", true)).unwrap();
+    c.handle(VmmAction::InstanceStart).unwrap();
+    let running = refused(&mut c, create("a", Full));
+    assert!(
+        running.contains("the VM is running; pause it first"),
+        "{running}"
+    );
+    c.handle(VmmAction::Pause).unwrap();
+    assert!(refused(&mut c, create("a", Diff)).contains("Diff snapshots are not supported"));
+    c.handle(create("a", Full)).unwrap();
+    assert!(calls
+        .borrow()
+        .log
+        .contains(&"snapshot a.state a.mem".to_string()));
+    assert!(refused(&mut c, load(true, false)).contains("fresh ember process"));
+}
+
+#[test]
+fn snapshots_load_only_into_a_fresh_controller() {
+    let files = Files::new();
+    let (c, calls) = controller();
+    let mut c = with_restorer(c, &calls);
+    assert!(refused(&mut c, load(false, true)).contains("track_dirty_pages"));
+    c.handle(load(false, false)).unwrap();
+    assert_eq!(c.state(), VmState::Paused);
+    assert!(calls.borrow().log.contains(&"restore s.state".to_string()));
+    assert_eq!(c.config.machine_config.vcpu_count, 2);
+    c.handle(VmmAction::Resume).unwrap();
+    assert_eq!(c.state(), VmState::Running);
+
+    let (c, calls) = controller();
+    let mut c = with_restorer(c, &calls);
+    c.handle(files.boot()).unwrap();
+    let configured = refused(&mut c, load(true, false));
+    assert!(configured.contains("nothing configured"), "{configured}");
+
+    let (c, calls) = controller();
+    let mut c = with_restorer(c, &calls);
+    c.handle(load(true, false)).unwrap();
+    assert_eq!(c.state(), VmState::Running);
 }

@@ -20,7 +20,7 @@ use api::requests::{actions_from_config, Fault};
 
 use crate::metrics::{DeviceCounters, VcpuExitCounters};
 use crate::{VmOutcome, Vmm, VmmError};
-pub use controller::{Controller, Launcher, Machine, VmState};
+pub use controller::{Controller, Launcher, Machine, Restorer, VmState};
 pub use server::ApiRequest;
 
 impl Machine for Vmm {
@@ -38,6 +38,10 @@ impl Machine for Vmm {
 
     fn update_drive(&mut self, drive_id: &str, path: &Path) -> Result<(), VmmError> {
         Vmm::update_drive(self, drive_id, path)
+    }
+
+    fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
+        Vmm::save_snapshot(self, state_path, mem_path)
     }
 
     fn device_counters(&self) -> DeviceCounters {

@@ -260,9 +260,20 @@ const VMM: &[Allowed] = &[
     // After boot, PATCH /drives opens the new backing file and reads its size (statx,
     // with fstat as std's fallback), and PUT /logger and PUT /metrics open (and may
     // create) their files for appending. Never with O_TRUNC: no file is emptied.
+    // PUT /snapshot/create writes each file to a new temporary file next to it
+    // (O_CREAT | O_EXCL, allowed by the openat line above), and, reading back a state
+    // file, opens it read-only.
     (libc::SYS_openat, Args::NoneOf(2, libc::O_TRUNC as u64)),
     (libc::SYS_statx, Args::Any),
     (libc::SYS_fstat, Args::Any),
+    // Snapshot create: each temporary file, then its directory, flushed to disk
+    // (`snapshot::write_file_atomically`), so a renamed file survives a host crash.
+    (libc::SYS_fsync, Args::Any),
+    // Snapshot create: the flushed temporary file replaces the target path in one step
+    // (glibc's rename(3) is the rename system call on x86_64).
+    (libc::SYS_rename, Args::Any),
+    // Snapshot create: a temporary file whose write failed (a full disk) is removed.
+    (libc::SYS_unlink, Args::Any),
 ];
 
 /// The API thread (`rpc::server`): accepts clients on the bound API socket and serves each

@@ -135,6 +135,37 @@ fn a_paused_vcpu_thread_saves_its_state_under_its_filter() {
 }
 
 #[test]
+fn the_vmm_thread_writes_snapshot_files_under_its_filter() {
+    let (code, stdout, stderr) = run_child("vmm-write-snapshot-files");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("filtered thread status: Seccomp:\t2\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("snapshot files written"),
+        "{stdout}\n{stderr}"
+    );
+}
+
+/// What snapshot create does on the VMM thread: the memory file and the state file, each
+/// written to a temporary file, fsynced, renamed over an older one (the directory fsynced);
+/// and a failed write, whose temporary file is removed.
+fn write_snapshot_files((dir, mem): (std::path::PathBuf, vm_memory::GuestMemoryMmap)) {
+    use crate::snapshot::{load_state, save_state, write_file_atomically};
+    let mem_path = dir.join("vm.mem");
+    for _ in 0..2 {
+        write_file_atomically(&mem_path, |f| crate::vstate::memory::dump(&mem, f)).unwrap();
+        save_state(&dir.join("vm.state"), &7_u64, 16 << 20).unwrap();
+    }
+    let failed = write_file_atomically(&mem_path, |_| Err(std::io::Error::other("full")));
+    assert!(failed.is_err());
+    let loaded = load_state::<u64>(&dir.join("vm.state")).unwrap();
+    loaded.open_memory_file(&mem_path).unwrap();
+    println!("snapshot files written");
+}
+
+#[test]
 fn the_vmm_thread_saves_the_vm_state_under_its_filter() {
     let (code, stdout, stderr) = run_child("vmm-save-vm-state");
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
@@ -304,6 +335,11 @@ fn child_process() {
             let state = test.vm.save().unwrap();
             println!("vm state saved: {state:?}");
         }),
+        "vmm-write-snapshot-files" => {
+            let dir = scratch("snapshot-files");
+            let mem = crate::vstate::memory::create_guest_memory(16).unwrap();
+            allowed(ThreadKind::Vmm, (dir, mem), write_snapshot_files);
+        }
         "api-open" => {
             install(ThreadKind::Api).unwrap();
             let err = std::fs::File::open("/proc/self/status").unwrap_err();

@@ -124,6 +124,17 @@ pub fn write_file_atomically<F>(target: &Path, write: F) -> Result<(), SnapshotE
 where
     F: FnOnce(&mut File) -> io::Result<()>,
 {
+    prepare_file(target, write)?.commit()
+}
+
+/// The first half of [`write_file_atomically`]: the contents are written to a temporary file
+/// next to `target` and flushed to disk, but not yet moved into place. Several files can be
+/// prepared before any is committed, so that a failure while writing any of them (a full
+/// disk) leaves every target as it was.
+pub fn prepare_file<F>(target: &Path, write: F) -> Result<PreparedFile, SnapshotError>
+where
+    F: FnOnce(&mut File) -> io::Result<()>,
+{
     let dir = parent_dir(target);
     let mut temp = TempFile::create(&dir, target)?;
     write(&mut temp.file).map_err(|source| SnapshotError::Write {
@@ -134,19 +145,39 @@ where
         target: target.to_path_buf(),
         source,
     })?;
-    fs::rename(&temp.path, target).map_err(|source| SnapshotError::Rename {
+    Ok(PreparedFile {
+        temp,
+        dir,
         target: target.to_path_buf(),
-        source,
-    })?;
-    temp.renamed = true;
-    // The rename is durable only once the directory entry is on disk.
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| SnapshotError::SyncDirectory {
-            target: target.to_path_buf(),
-            dir,
+    })
+}
+
+/// A file written and flushed next to its target; dropped without [`PreparedFile::commit`],
+/// it is removed and the target is left as it was.
+pub struct PreparedFile {
+    temp: TempFile,
+    dir: PathBuf,
+    target: PathBuf,
+}
+
+impl PreparedFile {
+    /// Renames the file over its target and flushes the directory.
+    pub fn commit(mut self) -> Result<(), SnapshotError> {
+        let target = self.target.clone();
+        fs::rename(&self.temp.path, &target).map_err(|source| SnapshotError::Rename {
+            target: target.clone(),
             source,
-        })
+        })?;
+        self.temp.renamed = true;
+        // The rename is durable only once the directory entry is on disk.
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| SnapshotError::SyncDirectory {
+                target,
+                dir: self.dir.clone(),
+                source,
+            })
+    }
 }
 
 /// The directory that holds `path` ("." for a bare file name).

@@ -69,7 +69,10 @@ mod format;
 use std::io;
 use std::path::PathBuf;
 
-pub use file::{check_memory_file, load_state, save_state, write_file_atomically, LoadedState};
+pub use file::{
+    check_memory_file, load_state, prepare_file, save_state, write_file_atomically, LoadedState,
+    PreparedFile,
+};
 pub use format::{
     decode, encode, Header, CRC_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN,
     SUPPORTED_VERSIONS,

@@ -658,3 +658,31 @@ fn random_files_never_panic() {
         let _ = decode::<Small>(&bytes, Path::new("noise"));
     }
 }
+
+#[test]
+fn prepared_files_replace_their_targets_only_when_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mem, state) = (dir.path().join("vm.mem"), dir.path().join("vm.state"));
+    write(&mem, b"old memory");
+    write(&state, b"old state");
+    let prepared = prepare_file(&mem, |f| f.write_all(b"new memory")).expect("prepare");
+    let failed = prepare_file(&state, |_| Err(io::Error::other("disk full")));
+    assert!(matches!(failed, Err(SnapshotError::Write { .. })));
+    drop(prepared);
+    assert_eq!(fs::read(&mem).expect("mem"), b"old memory");
+    assert_eq!(fs::read(&state).expect("state"), b"old state");
+    assert_eq!(
+        others_in(dir.path(), &["vm.mem", "vm.state"]),
+        Vec::<PathBuf>::new()
+    );
+    let mem_file = prepare_file(&mem, |f| f.write_all(b"new memory")).expect("prepare");
+    let state_file = prepare_file(&state, |f| f.write_all(b"new state")).expect("prepare");
+    mem_file.commit().expect("commit");
+    state_file.commit().expect("commit");
+    assert_eq!(fs::read(&mem).expect("mem"), b"new memory");
+    assert_eq!(fs::read(&state).expect("state"), b"new state");
+    assert_eq!(
+        others_in(dir.path(), &["vm.mem", "vm.state"]),
+        Vec::<PathBuf>::new()
+    );
+}

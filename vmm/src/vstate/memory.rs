@@ -8,10 +8,15 @@
 //! Hypervisor do the same by default. `MADV_HUGEPAGE` is advice: where THP is off, the
 //! mapping simply stays on small pages.
 
+use std::fs::File;
 use std::io;
+use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
+};
 
 use crate::arch::x86_64::ram_ranges;
 
@@ -24,6 +29,10 @@ pub enum MemoryError {
     Map(usize, io::Error),
     #[error("cannot describe guest memory to vm-memory: {0}")]
     Region(String),
+    #[error("cannot map the snapshot memory file privately: {0}")]
+    MapFile(String),
+    #[error("cannot write guest memory to the memory file: {0}")]
+    Dump(String),
 }
 
 /// Huge page size on x86_64.
@@ -68,6 +77,54 @@ pub fn create_guest_memory(mem_size_mib: usize) -> Result<GuestMemoryMmap, Memor
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Region(format!("region at {base:?} overflows")))?;
         regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(e.to_string()))
+}
+
+/// The guest RAM regions of `mem`: (guest address, size in bytes), in address order.
+pub fn layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    mem.iter()
+        .map(|r| (r.start_addr().0, GuestMemoryRegion::len(r)))
+        .collect()
+}
+
+/// Writes every region of `mem`, in address order and back to back, to `file`: the
+/// snapshot memory file that [`map_file_private`] maps back.
+pub fn dump(mem: &GuestMemoryMmap, file: &mut File) -> io::Result<()> {
+    for region in mem.iter() {
+        let len = usize::try_from(GuestMemoryRegion::len(region))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        region
+            .write_all_volatile_to(MemoryRegionAddress(0), file, len)
+            .map_err(|e| match e {
+                vm_memory::guest_memory::Error::IOError(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+    }
+    Ok(())
+}
+
+/// Guest memory backed by a snapshot memory file, mapped `MAP_PRIVATE`: pages are read from
+/// the file only when the guest touches them, and a guest write copies the page, so the file
+/// is never changed and every VM restored from it shares its unchanged pages through the page
+/// cache. `layout` is (guest address, size) per region, which lie back to back in the file;
+/// the caller has checked that they cover the file exactly.
+pub fn map_file_private(file: File, layout: &[(u64, u64)]) -> Result<GuestMemoryMmap, MemoryError> {
+    let file = Arc::new(file);
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for &(base, size) in layout {
+        let len = usize::try_from(size).map_err(|e| MemoryError::MapFile(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::MapFile(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(base))
+            .ok_or_else(|| MemoryError::Region(format!("region at {base:#x} overflows")))?;
+        regions.push(region);
+        offset = offset.saturating_add(size);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(e.to_string()))
 }
@@ -127,6 +184,31 @@ mod tests {
                 .sum::<u64>(),
             64 << 20
         );
+    }
+
+    #[test]
+    fn a_dumped_memory_maps_back_privately() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = create_guest_memory(64).unwrap();
+        let high = GuestAddress((64 << 20) - 8);
+        mem.write_obj(0xfeed_u64, GuestAddress(0x2000)).unwrap();
+        mem.write_obj(0xbeef_u64, high).unwrap();
+        let path = std::env::temp_dir().join(format!("ember-mem-{}", std::process::id()));
+        let mut file = File::create(&path).unwrap();
+        dump(&mem, &mut file).unwrap();
+        drop(file);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 << 20);
+        let restored = map_file_private(File::open(&path).unwrap(), &layout(&mem)).unwrap();
+        assert_eq!(
+            restored.read_obj::<u64>(GuestAddress(0x2000)).unwrap(),
+            0xfeed
+        );
+        assert_eq!(restored.read_obj::<u64>(high).unwrap(), 0xbeef);
+        // Copy on write: the guest's writes never reach the file.
+        restored.write_obj(1_u64, GuestAddress(0x2000)).unwrap();
+        let again = map_file_private(File::open(&path).unwrap(), &layout(&mem)).unwrap();
+        assert_eq!(again.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0xfeed);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -298,10 +298,26 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the guest stops it or running fails.
-    pub fn start(mut self) -> Result<VcpuHandle, VcpuError> {
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        self.spawn(None)
+    }
+
+    /// Starts the vCPU's thread parked, as if paused before its first `KVM_RUN` (a restored
+    /// VM that is not to resume yet): the pause request is queued before the thread exists,
+    /// so the guest never runs until [`VcpuEvent::Resume`]. Wait for its
+    /// [`VcpuEvent::Pause`] answer to know it is parked.
+    pub fn start_paused(self) -> Result<VcpuHandle, VcpuError> {
+        self.spawn(Some(VcpuEvent::Pause))
+    }
+
+    fn spawn(mut self, first: Option<VcpuEvent>) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let index = self.index;
         let (events_tx, events) = channel();
+        if let Some(event) = first {
+            // The receiver is alive: it is moved into the thread below.
+            let _ = events_tx.send(event);
+        }
         let (answers, answers_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("ember_vcpu{index}"))

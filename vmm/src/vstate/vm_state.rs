@@ -4,8 +4,9 @@
 //!
 //! # Order
 //!
-//! Save once the vCPUs are paused, right after their states, so that the kvmclock and the
-//! vCPUs' TSCs are read moments apart. Restore into a VM just made by [`create_vm`] (which
+//! Save once the vCPUs are paused, right next to their states (just before them, after the
+//! devices: see `crate::persist`), so that the kvmclock and the vCPUs' TSCs are read
+//! moments apart. Restore into a VM just made by [`create_vm`] (which
 //! is what [`Persist::restore`] does), before its vCPUs are restored: KVM recomputes each
 //! vCPU's view of the kvmclock when it first enters the guest, so setting the clock before
 //! the vCPUs exist loses nothing, and interrupts the PIT or IOAPIC raise meanwhile wait in

@@ -42,6 +42,9 @@ pub enum ApiCommand {
     /// Send Ember's log lines to a file or FIFO (PUT /logger).
     #[command(subcommand)]
     Logger(LoggerCommand),
+    /// Save a paused VM, or load one into a fresh ember (PUT /snapshot/create, /snapshot/load).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Raw request: GET PATH.
     Get(RawArgs),
     /// Raw request: PUT PATH JSON.
@@ -131,6 +134,26 @@ pub enum LoggerCommand {
         show_level: bool,
         #[arg(long)]
         show_origin: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Write a full snapshot of the paused VM: its state to STATE, its memory to MEM.
+    Create { state: PathBuf, mem: PathBuf },
+    /// Load a snapshot into this ember, which must have nothing configured yet.
+    Load {
+        state: PathBuf,
+        mem: PathBuf,
+        /// Let the vCPUs run once loaded (otherwise the VM is loaded paused).
+        #[arg(long)]
+        resume: bool,
+        /// Put interface IFACE on host TAP device TAP (repeatable).
+        #[arg(long = "tap", value_name = "IFACE=TAP")]
+        taps: Vec<String>,
+        /// The vsock device's new Unix socket path.
+        #[arg(long, value_name = "PATH")]
+        vsock_uds: Option<PathBuf>,
     },
 }
 
@@ -231,6 +254,7 @@ impl ApiCommand {
                         "show_log_origin": show_origin }),
                 "logger set",
             ),
+            ApiCommand::Snapshot(command) => snapshot_call(command)?,
             ApiCommand::Get(raw) => get(&raw.path),
             ApiCommand::Put(raw) => raw_call("PUT", raw)?,
             ApiCommand::Patch(raw) => raw_call("PATCH", raw)?,
@@ -289,6 +313,51 @@ fn drive_call(command: DriveCommand) -> Call {
     }
 }
 
+fn snapshot_call(command: SnapshotCommand) -> Result<Call, String> {
+    Ok(match command {
+        SnapshotCommand::Create { state, mem } => call(
+            "PUT",
+            "/snapshot/create",
+            json!({ "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem }),
+            "snapshot created",
+        ),
+        SnapshotCommand::Load {
+            state,
+            mem,
+            resume,
+            taps,
+            vsock_uds,
+        } => {
+            let overrides = taps
+                .iter()
+                .map(|t| match t.split_once('=') {
+                    Some((iface, tap)) if !iface.is_empty() && !tap.is_empty() => {
+                        Ok(json!({ "iface_id": iface, "host_dev_name": tap }))
+                    }
+                    _ => Err(format!("--tap {t}: give IFACE=TAP, e.g. eth0=tap1")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut body = json!({
+                "snapshot_path": state,
+                "mem_backend": { "backend_type": "File", "backend_path": mem },
+                "resume_vm": resume,
+            });
+            if !overrides.is_empty() {
+                body["network_overrides"] = json!(overrides);
+            }
+            if let Some(uds) = vsock_uds {
+                body["vsock_override"] = json!({ "uds_path": uds });
+            }
+            let done = if resume {
+                "snapshot loaded, running"
+            } else {
+                "snapshot loaded, paused"
+            };
+            call("PUT", "/snapshot/load", body, done)
+        }
+    })
+}
+
 fn raw_call(method: &'static str, raw: RawArgs) -> Result<Call, String> {
     let body = match raw.body {
         Some(text) => {
@@ -319,7 +388,12 @@ pub fn run(socket: &PathBuf, json_output: bool, command: ApiCommand) -> u8 {
 
 fn send(socket: &PathBuf, call: &Call) -> Result<ApiResponse, ClientError> {
     let body = call.body.as_ref().map(Value::to_string);
-    ApiClient::new(socket).request(call.method, &call.path, body.as_deref())
+    let mut client = ApiClient::new(socket);
+    if call.path.starts_with("/snapshot/") {
+        // Writing or mapping a large guest's memory can take longer than other requests.
+        client = client.with_timeout(std::time::Duration::from_secs(900));
+    }
+    client.request(call.method, &call.path, body.as_deref())
 }
 
 fn show(call: &Call, response: &ApiResponse, json_output: bool) -> u8 {

@@ -200,6 +200,18 @@ mod tests {
             &["boot-source", "--kernel", "k", "--args", "console=ttyS0"],
             &["metrics", "flush"],
             &["put", "/actions", r#"{"action_type":"InstanceStart"}"#],
+            &["snapshot", "create", "s.state", "s.mem"],
+            &[
+                "snapshot",
+                "load",
+                "s.state",
+                "s.mem",
+                "--resume",
+                "--tap",
+                "eth0=tap1",
+                "--vsock-uds",
+                "v.sock",
+            ],
         ] {
             let all = ["emberctl", "--api", "a.sock"].iter().chain(args);
             assert!(Cli::try_parse_from(all).is_ok(), "{args:?}");
