@@ -354,15 +354,21 @@ impl Job {
             JOB_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = fs::remove_file(&socket);
+        let monitor = socket.with_extension("monitor");
+        let _ = fs::remove_file(&monitor);
+        let _monitor_file = RemoveOnDrop(monitor.clone());
         let virtiofsd = spawn_virtiofsd(&socket, &self.dir)?;
         let _virtiofsd = KillOnDrop(virtiofsd);
         let _socket_file = RemoveOnDrop(socket.clone());
         wait_for_socket(&socket)?;
-        let mut qemu = self.qemu_command(bed, &socket).spawn().map_err(|e| {
-            format!(
+        let mut qemu = self
+            .qemu_command(bed, &socket, &monitor)
+            .spawn()
+            .map_err(|e| {
+                format!(
                 "cannot start qemu-system-x86_64 for the test bed: {e}; install qemu-system-x86"
             )
-        })?;
+            })?;
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut booted = false;
@@ -393,6 +399,8 @@ impl Job {
             if console_len != last_len {
                 (last_len, last_growth) = (console_len, now);
             } else if now > last_growth + FROZEN_LIMIT {
+                // What the emulated CPUs were doing, for whoever looks into the freeze.
+                let state = frozen_state(qemu.id(), &monitor);
                 let _ = qemu.kill();
                 let _ = qemu.wait();
                 // Said on the console, which the retry and failure reports show.
@@ -403,7 +411,7 @@ impl Job {
                         writeln!(
                             f,
                             "testbed: the level-1 VM froze: no console output, not even its \
-                             heartbeat, for {FROZEN_LIMIT:?}; stopped it"
+                             heartbeat, for {FROZEN_LIMIT:?}; stopped it. {state}"
                         )
                     });
                 break true;
@@ -453,7 +461,7 @@ impl Job {
         text
     }
 
-    fn qemu_command(&self, bed: &Path, socket: &Path) -> Command {
+    fn qemu_command(&self, bed: &Path, socket: &Path, monitor: &Path) -> Command {
         let mem = format!("{}M", self.memory_mib);
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &mem])
@@ -478,6 +486,8 @@ impl Job {
                 &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
             ])
             .args(["-numa", "node,memdev=mem"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         match File::create(self.dir.join("qemu.log")) {
@@ -566,6 +576,54 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::pr
             }
         }
     }
+}
+
+/// The state of a frozen level-1 VM: how much CPU its QEMU used in one second (spinning or
+/// idle) and each emulated CPU's registers, from QEMU's monitor.
+fn frozen_state(pid: u32, monitor: &Path) -> String {
+    let cpu_ticks = || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime: fields 14 and 15, counted after the parenthesised command name.
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)
+    };
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks().saturating_sub(before);
+    let registers = human_monitor_command(monitor, "info registers -a")
+        .unwrap_or_else(|e| format!("(no answer from QEMU's monitor: {e})"));
+    format!("QEMU used {used} clock ticks of CPU in one second; its CPUs:\n{registers}")
+}
+
+/// Runs a human-monitor command through QMP and returns its text (within 2 s per answer).
+fn human_monitor_command(qmp: &Path, command: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader};
+    let stream = std::os::unix::net::UnixStream::connect(qmp)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut lines = BufReader::new(stream.try_clone()?).lines();
+    let request = serde_json::json!({
+        "execute": "human-monitor-command",
+        "arguments": { "command-line": command },
+    });
+    writeln!(&stream, r#"{{"execute": "qmp_capabilities"}}"#)?;
+    writeln!(&stream, "{request}")?;
+    // The greeting, the capabilities answer, maybe events, then the command's answer.
+    for line in lines.by_ref() {
+        let value: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
+        if let Some(text) = value["return"].as_str() {
+            return Ok(text.to_string());
+        }
+        if let Some(error) = value.get("error") {
+            return Ok(format!("QEMU refused {command}: {error}"));
+        }
+    }
+    Err(std::io::ErrorKind::UnexpectedEof.into())
 }
 
 /// Builds (or finds cached) the level-1 kernel and initramfs, once per process.
