@@ -211,6 +211,8 @@ mod tests {
                 "eth0=tap1",
                 "--vsock-uds",
                 "v.sock",
+                "--vsock-cid",
+                "9",
             ],
         ] {
             let all = ["emberctl", "--api", "a.sock"].iter().chain(args);
