@@ -203,7 +203,7 @@ fn restore_once(art: &Artifacts, files: &SnapshotFiles, work: &Path) -> Result<(
     let start = Instant::now();
     let mut cmd = Command::new(&art.ember);
     cmd.arg("--api-sock").arg(&api_sock);
-    let vm = Vm::spawn(cmd, &dir)?;
+    let mut vm = Vm::spawn(cmd, &dir)?;
     wait_for_api(&api_sock, &vm)?;
     let t = Instant::now();
     request(
@@ -215,7 +215,7 @@ fn restore_once(art: &Artifacts, files: &SnapshotFiles, work: &Path) -> Result<(
                "resume_vm": true, "vsock_override": {"uds_path": uds}}),
     )?;
     let load_ms = t.elapsed().as_secs_f64() * 1000.0;
-    first_ping(&uds, &vm)?;
+    first_ping(&uds, &mut vm)?;
     Ok((start.elapsed().as_secs_f64() * 1000.0, load_ms))
 }
 
@@ -230,9 +230,9 @@ fn cold_boot(art: &Artifacts, root: &Path, mem_mib: u32, work: &Path) -> Result<
     let start = Instant::now();
     let mut cmd = Command::new(&art.ember);
     cmd.args(["--no-api", "--config-file"]).arg(&config);
-    let vm = Vm::spawn(cmd, &dir)?;
+    let mut vm = Vm::spawn(cmd, &dir)?;
     api::agent::wait_ready(&uds, LIMIT).map_err(|e| format!("{e}{}", vm.logs()))?;
-    first_ping(&uds, &vm)?;
+    first_ping(&uds, &mut vm)?;
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     eprintln!("cold boot {mem_mib} MiB: {ms:.1} ms to agent");
     Ok(ms)
@@ -277,7 +277,9 @@ fn clone_run(
     let clones = Clones(list.iter().filter_map(|c| c["pid"].as_u64()).collect());
     for c in &list {
         let uds = PathBuf::from(c["vsock_uds"].as_str().unwrap_or_default());
-        ping_until(&uds).map_err(|e| format!("clone {}: {e}", c["index"]))?;
+        let pid = c["pid"].as_u64().unwrap_or(0);
+        let exited = || !Path::new(&format!("/proc/{pid}")).exists();
+        ping_until(&uds, exited).map_err(|e| format!("clone {}: {e}", c["index"]))?;
     }
     let all_agents_ms = start.elapsed().as_secs_f64() * 1000.0;
     eprintln!(
@@ -397,18 +399,26 @@ fn wait_for_api(socket: &Path, vm: &Vm) -> Result<(), String> {
     Ok(())
 }
 
-fn first_ping(uds: &Path, vm: &Vm) -> Result<(), String> {
-    ping_until(uds).map_err(|e| format!("{e}{}", vm.logs()))
+fn first_ping(uds: &Path, vm: &mut Vm) -> Result<(), String> {
+    let child = &mut vm.child;
+    let result = ping_until(uds, || matches!(child.try_wait(), Ok(Some(_))));
+    result.map_err(|e| format!("{e}{}", vm.logs()))
 }
 
 /// Pings the agent at `uds` until it answers (a restored guest's listener is back once the
-/// guest handled the transport reset).
-fn ping_until(uds: &Path) -> Result<(), String> {
+/// guest handled the transport reset); gives up once `exited` says its VMM is gone.
+fn ping_until(uds: &Path, mut exited: impl FnMut() -> bool) -> Result<(), String> {
     let agent = AgentClient::vsock(uds).with_timeout(Duration::from_secs(60));
     let deadline = Instant::now() + LIMIT;
     loop {
         match agent.ping() {
             Ok(_) => return Ok(()),
+            Err(e) if exited() => {
+                return Err(format!(
+                    "the agent at {} never answered; its ember exited: {e}",
+                    uds.display()
+                ))
+            }
             Err(e) if Instant::now() > deadline => {
                 return Err(format!(
                     "the agent at {} never answered: {e}",
