@@ -177,6 +177,10 @@ fn create_runs(
     };
     let mut samples = Vec::new();
     for run in 0..runs {
+        // Saved as a harness would save it: with the guest settled and its agent idle.
+        // A guest paused right after its ready line (PID 1 still writing to the serial
+        // console) has been seen to restore with PID 1 crashing (SIGSEGV); see the notes.
+        settle(&uds, &vm)?;
         request(&api_sock, "PATCH", "/vm", json!({"state": "Paused"}))?;
         let t = Instant::now();
         request(
@@ -192,6 +196,16 @@ fn create_runs(
         request(&api_sock, "PATCH", "/vm", json!({"state": "Resumed"}))?;
     }
     Ok((samples, files))
+}
+
+/// Lets the guest run on for a while, then checks that its agent answers.
+fn settle(uds: &Path, vm: &Vm) -> Result<(), String> {
+    std::thread::sleep(Duration::from_secs(5));
+    AgentClient::vsock(uds)
+        .with_timeout(LIMIT)
+        .ping()
+        .map(|_| ())
+        .map_err(|e| format!("the agent before the snapshot: {e}{}", vm.logs()))
 }
 
 /// One restore into a fresh ember: (process start to the agent's first answer, the load
