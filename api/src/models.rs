@@ -238,19 +238,22 @@ pub struct VsockConfig {
 /// The lowest context id a guest can have: 0 to 2 are the hypervisor, local and host.
 pub const MIN_GUEST_CID: u64 = 3;
 
+/// Checks a guest context id: 3 or more, and below 2^32 - 1 (`VMADDR_CID_ANY`, which no
+/// guest may own); the error is the reason, for the caller to prefix with its field.
+pub fn check_guest_cid(cid: u64) -> Result<(), String> {
+    if (MIN_GUEST_CID..u64::from(u32::MAX)).contains(&cid) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cid} is out of range; use {MIN_GUEST_CID} to {}",
+            u32::MAX - 1
+        ))
+    }
+}
+
 impl VsockConfig {
     fn validate(&self) -> Result<(), ModelError> {
-        // u32::MAX is VMADDR_CID_ANY, which no guest may own.
-        if !(MIN_GUEST_CID..u64::from(u32::MAX)).contains(&self.guest_cid) {
-            return Err(invalid(
-                "vsock.guest_cid".into(),
-                format!(
-                    "{} is out of range; use {MIN_GUEST_CID} to {}",
-                    self.guest_cid,
-                    u32::MAX - 1
-                ),
-            ));
-        }
+        check_guest_cid(self.guest_cid).map_err(|e| invalid("vsock.guest_cid".into(), e))?;
         if self.uds_path.as_os_str().is_empty() {
             return Err(invalid("vsock.uds_path".into(), "empty path"));
         }

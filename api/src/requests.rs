@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::http::Response;
-use crate::models::{BootSource, Drive, MachineConfig, NetworkInterface, VmConfig, VsockConfig};
+use crate::models::{
+    check_guest_cid, BootSource, Drive, MachineConfig, NetworkInterface, VmConfig, VsockConfig,
+};
 // The logger and metrics bodies are config file sections too, so they live with the models.
 pub use crate::models::{LogLevel, LoggerConfig, MetricsConfig};
 
@@ -209,11 +211,16 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
-/// `vsock_override`: the Unix socket path of the restored vsock device.
+/// `vsock_override`: the Unix socket path of the restored vsock device and, an Ember
+/// extension Firecracker does not have, a new context id for the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockOverride {
     pub uds_path: PathBuf,
+    /// The restored guest's CID (3 to 2^32 - 2); absent: the saved one, as in Firecracker.
+    /// The guest learns it when it handles the transport reset every restore sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cid: Option<u64>,
 }
 
 /// `PUT /snapshot/load`, in Firecracker's shape; the older `mem_file_path` is accepted in
@@ -253,6 +260,16 @@ impl SnapshotLoadParams {
             (Some(b), None) => Ok(&b.backend_path),
             (None, Some(path)) => Ok(path),
         }
+    }
+
+    /// The checks the request alone allows: one memory file, a usable CID override.
+    pub fn validate(&self) -> Result<(), Fault> {
+        self.mem_file()?;
+        if let Some(cid) = self.vsock_override.as_ref().and_then(|v| v.guest_cid) {
+            check_guest_cid(cid)
+                .map_err(|e| Fault(format!("snapshot/load.vsock_override.guest_cid: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -350,7 +367,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<VmmAction, RouteEr
         }
         ("PUT", ["snapshot", "load"]) => {
             let params: SnapshotLoadParams = parse_body("snapshot/load", body)?;
-            params.mem_file().map_err(|f| bad_request(f.0))?;
+            params.validate().map_err(|f| bad_request(f.0))?;
             Ok(VmmAction::LoadSnapshot(params))
         }
         (_, segments) => Err(wrong_method_or_path(method, path, segments)),

@@ -322,3 +322,50 @@ fn snapshot_bodies_route_in_firecrackers_shapes() {
         .contains("Uffd is not supported"));
     assert_eq!(fault("GET", "/snapshot/create", "").status, 400);
 }
+
+#[test]
+fn the_vsock_override_may_give_a_new_cid() {
+    let load = |cid: &str| {
+        format!(
+            r#"{{"snapshot_path": "s", "mem_file_path": "m",
+            "vsock_override": {{"uds_path": "v.sock"{cid}}}}}"#
+        )
+    };
+    let VmmAction::LoadSnapshot(plain) =
+        route("PUT", "/snapshot/load", load("").as_bytes()).unwrap()
+    else {
+        panic!("not a load");
+    };
+    assert_eq!(plain.vsock_override.unwrap().guest_cid, None);
+    let with_cid = load(r#", "guest_cid": 4294967294"#);
+    let VmmAction::LoadSnapshot(cid) = route("PUT", "/snapshot/load", with_cid.as_bytes()).unwrap()
+    else {
+        panic!("not a load");
+    };
+    let cid = cid.vsock_override.unwrap();
+    assert_eq!(cid.guest_cid, Some(u64::from(u32::MAX) - 1));
+    // Firecracker's tools never see the extension: absent, it is not written either.
+    let firecracker = serde_json::to_value(VsockOverride {
+        guest_cid: None,
+        ..cid
+    })
+    .unwrap();
+    assert_eq!(firecracker, serde_json::json!({"uds_path": "v.sock"}));
+    for (bad, why) in [
+        ("2", "2 is out of range; use 3 to 4294967294"),
+        ("4294967295", "4294967295 is out of range"),
+        ("4294967296", "4294967296 is out of range"),
+        ("-1", "invalid value"),
+        ("\"7\"", "invalid type"),
+    ] {
+        let body = load(&format!(r#", "guest_cid": {bad}"#));
+        let err = fault("PUT", "/snapshot/load", &body);
+        assert_eq!(err.status, 400);
+        assert!(
+            err.message
+                .starts_with("snapshot/load.vsock_override.guest_cid: ")
+                && err.message.contains(why),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -7,11 +7,13 @@
 //! `ember-bench devices [--runs N] [--seconds S] [--net-mib M] [--json PATH]`
 //! `ember-bench agent [--runs N] [--execs N] [--mib M] [--json PATH] [--no-peer]`
 //! `ember-bench api [--runs N] [--requests N] [--json PATH] [--no-peer]`
+//! `ember-bench snapshot [--runs N] [--sizes MIB,MIB] [--clones N] [--json PATH]`
 
 mod agent;
 mod api;
 mod boot;
 mod devices;
+mod snapshot;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +54,23 @@ enum Bench {
     /// connection, and VMM memory next to a booted 1 vCPU / 128 MiB guest; Ember's API
     /// socket (`GET /`) vs QEMU microvm's QMP (`query-status`).
     Api(ApiArgs),
+    /// Full snapshot create per guest size; restore into a fresh ember to the agent's first
+    /// answer against a cold boot to the same point; `emberctl clone` of N guests: wall
+    /// time and private memory per clone.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct SnapshotArgs {
+    /// Snapshots created and restores (and cold boots) timed per guest size.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Guest sizes in MiB; the smallest is also booted cold and cloned.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    sizes: Vec<u32>,
+    /// Clones of the smallest guest's snapshot (0: none).
+    #[arg(long, default_value_t = 50)]
+    clones: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -141,6 +160,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         Bench::Devices(args) => devices_bench(args, &art, &work)?,
         Bench::Agent(args) => agent_bench(args, &art, &work)?,
         Bench::Api(args) => api_bench(args, &art, &work)?,
+        Bench::Snapshot(args) => snapshot_bench(args, &art, &work)?,
     };
     if let Some(path) = &cli.json {
         ensure_parent_dir(path)?;
@@ -384,6 +404,81 @@ fn api_bench(args: &ApiArgs, art: &Artifacts, work: &Path) -> Result<serde_json:
     }))
 }
 
+fn snapshot_bench(
+    args: &SnapshotArgs,
+    art: &Artifacts,
+    work: &Path,
+) -> Result<serde_json::Value, String> {
+    if args.runs == 0 || args.sizes.is_empty() || args.sizes.contains(&0) {
+        return Err("--runs must be at least 1 and --sizes a list of MiB above 0".into());
+    }
+    let plan = snapshot::Plan {
+        runs: args.runs,
+        sizes: &args.sizes,
+        clones: args.clones,
+    };
+    let r = snapshot::run(&plan, art, work)?;
+    println!(
+        "snapshot: {} runs per size, 1 vCPU guests with the agent on a read-only ext4 root; {}",
+        args.runs,
+        environment()
+    );
+    println!("{:<44} {:>12} {:>12}", "metric", "median", "p90");
+    let row = |name: String, s: &stats::Summary| {
+        println!("{name:<44} {:>12.1} {:>12.1}", s.median, s.p90);
+    };
+    for s in &r.create_ms {
+        row(format!("create Full, {} MiB (ms)", s.mem_mib), &s.summary);
+    }
+    for s in &r.load_request_ms {
+        row(format!("load request, {} MiB (ms)", s.mem_mib), &s.summary);
+    }
+    for s in &r.restore_to_agent_ms {
+        row(
+            format!("restore: start -> agent, {} MiB (ms)", s.mem_mib),
+            &s.summary,
+        );
+    }
+    let cold = &r.cold_boot_to_agent_ms;
+    row(
+        format!(
+            "cold boot: start -> agent, {} MiB (ms)",
+            r.cold_boot_mem_mib
+        ),
+        cold,
+    );
+    let mut ratio = serde_json::Value::Null;
+    if let Some(restore) = r
+        .restore_to_agent_ms
+        .iter()
+        .find(|s| s.mem_mib == r.cold_boot_mem_mib)
+    {
+        let (median, p90) = (
+            cold.median / restore.summary.median,
+            cold.p90 / restore.summary.p90,
+        );
+        println!("cold boot / restore: {median:.2}x at the median, {p90:.2}x at p90");
+        ratio = json!({"median": median, "p90": p90});
+    }
+    if let Some(c) = &r.clones {
+        println!(
+            "{} clones of the {} MiB guest: emberctl clone {:.1} ms, every agent answering              {:.1} ms",
+            c.count, c.mem_mib, c.clone_command_ms, c.all_agents_ms
+        );
+        row("per clone: private (MiB)".into(), &c.private_mib);
+        row("per clone: PSS (MiB)".into(), &c.pss_mib);
+        row("per clone: RSS (MiB)".into(), &c.rss_mib);
+    }
+    Ok(json!({
+        "benchmark": "snapshot",
+        "metric": "ms to create a Full snapshot, to load one, and from ember process start to                    the agent's first answer (restore vs cold boot); clones: wall ms and MiB                    per clone from smaps_rollup",
+        "environment": environment(),
+        "runs": args.runs,
+        "results": r,
+        "cold_boot_over_restore": ratio,
+    }))
+}
+
 /// Runs this same command inside the nested test bed and relays its output.
 fn rerun_nested(cli: &Cli) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -423,6 +518,20 @@ fn rerun_nested(cli: &Cli) -> Result<(), String> {
                 c += " --no-peer";
             }
             (c, "bench-api", 2048, 5 + 3 * a.runs as u64)
+        }
+        Bench::Snapshot(a) => {
+            let sizes: Vec<String> = a.sizes.iter().map(u32::to_string).collect();
+            let c = format!(
+                "snapshot --runs {} --sizes {} --clones {}",
+                a.runs,
+                sizes.join(","),
+                a.clones
+            );
+            // The largest guest, and the clones' private pages beside the shared snapshot.
+            let largest = a.sizes.iter().copied().max().unwrap_or(0);
+            let mem = 2048 + largest + 48 * a.clones as u32;
+            let minutes = 10 + 4 * (a.runs * a.sizes.len()) as u64 + a.clones as u64 / 2;
+            (c, "bench-snapshot", mem, minutes)
         }
     };
     let script = format!(

@@ -181,6 +181,9 @@ pub struct Job {
 
 static JOB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The level-1 VM's memory unless a job asks for more ([`Job::memory_mib`]).
+pub const DEFAULT_JOB_MEMORY_MIB: u32 = 3072;
+
 /// What the level-1 init prints once the job is about to run.
 const JOB_STARTED: &str = "testbed-l1: running";
 /// How long a level-1 VM may take to start the job (it takes ~5 s on an idle host).
@@ -215,7 +218,7 @@ impl Job {
             script: script.into(),
             shares: Vec::new(),
             timeout: Duration::from_secs(600),
-            memory_mib: 3072,
+            memory_mib: DEFAULT_JOB_MEMORY_MIB,
         }
     }
 
@@ -540,6 +543,12 @@ impl SignalNumber for std::process::ExitStatus {
 /// runs `test` of this same test binary inside the nested test bed, panics with everything
 /// it printed unless it passed there, and returns None: the body ran, over there.
 pub fn vm_test(test: &str, timeout: Duration) -> Option<PathBuf> {
+    vm_test_with_memory(test, timeout, DEFAULT_JOB_MEMORY_MIB)
+}
+
+/// [`vm_test`] for a test whose guests need more than the level-1 VM's default
+/// memory (nested runs; a direct run uses the host's).
+pub fn vm_test_with_memory(test: &str, timeout: Duration, memory_mib: u32) -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("EMBER_TEST_DIR") {
         return Some(PathBuf::from(dir));
     }
@@ -549,7 +558,9 @@ pub fn vm_test(test: &str, timeout: Duration) -> Option<PathBuf> {
         "EMBER_TEST_DIR=\"$PWD\" {} --exact {test} --nocapture --test-threads=1",
         shell_quote(&exe)
     );
-    let job = Job::new(test, script).timeout(timeout);
+    let job = Job::new(test, script)
+        .timeout(timeout)
+        .memory_mib(memory_mib);
     if placement == Placement::Direct {
         // Run the body in this process, in the job's directory.
         return Some(job.dir().to_path_buf());

@@ -195,7 +195,7 @@ impl Vmm {
                 .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
                 .collect(),
             vsock_uds_path: params.vsock_override.as_ref().map(|v| v.uds_path.clone()),
-            vsock_guest_cid: None,
+            vsock_guest_cid: params.vsock_override.as_ref().and_then(|v| v.guest_cid),
         };
         Self::restore(&loaded, mem_file, &overrides, options, console)
     }

@@ -154,6 +154,9 @@ pub enum SnapshotCommand {
         /// The vsock device's new Unix socket path.
         #[arg(long, value_name = "PATH")]
         vsock_uds: Option<PathBuf>,
+        /// A new guest CID (an Ember extension of vsock_override; needs --vsock-uds).
+        #[arg(long, value_name = "N", requires = "vsock_uds")]
+        vsock_cid: Option<u64>,
     },
 }
 
@@ -327,6 +330,7 @@ fn snapshot_call(command: SnapshotCommand) -> Result<Call, String> {
             resume,
             taps,
             vsock_uds,
+            vsock_cid,
         } => {
             let overrides = taps
                 .iter()
@@ -347,6 +351,9 @@ fn snapshot_call(command: SnapshotCommand) -> Result<Call, String> {
             }
             if let Some(uds) = vsock_uds {
                 body["vsock_override"] = json!({ "uds_path": uds });
+                if let Some(cid) = vsock_cid {
+                    body["vsock_override"]["guest_cid"] = json!(cid);
+                }
             }
             let done = if resume {
                 "snapshot loaded, running"

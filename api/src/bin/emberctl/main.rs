@@ -1,13 +1,15 @@
 //! emberctl: drives Ember VMs from the host. The subcommands here talk to ember-init's agent
 //! in the guest, through the VM's vsock Unix socket (`--vsock`, the vsock device's
 //! `uds_path`) or, for tests, an `ember-init --agent-unix` socket (`--agent-unix`).
-//! The subcommands for the VMM's API socket (`--api PATH`, see `api_cmd`) sit beside them.
+//! The subcommands for the VMM's API socket (`--api PATH`, see `api_cmd`) sit beside them,
+//! and `clone` (see `clone`), which starts embers of its own.
 //!
 //! Exit status: `exec` exits with the command's status (128 + N when signal N ended it), 127
 //! when the program does not exist in the guest, 126 when it cannot be executed, and 255
 //! when emberctl itself failed. The other subcommands exit with 0 or 1.
 
 mod api_cmd;
+mod clone;
 mod cp;
 mod exec;
 mod terminal;
@@ -29,8 +31,8 @@ struct Cli {
     /// The VMM's API socket (ember --api-sock), for the API subcommands.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
-    /// Print API answers as JSON, for scripts.
-    #[arg(long)]
+    /// Print API answers (and clone's list) as JSON, for scripts.
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,
@@ -50,6 +52,9 @@ enum Command {
     Shutdown(PingArgs),
     /// Ask the guest to reboot (on Ember without ACPI this also ends the VM).
     Reboot(PingArgs),
+    /// Load one snapshot into N new ember processes, each with its own API socket, vsock
+    /// socket, guest CID and TAPs; they keep running after emberctl exits.
+    Clone(clone::CloneArgs),
     #[command(flatten)]
     Api(api_cmd::ApiCommand),
 }
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         Command::WaitReady(args) => report(wait_ready(&args)),
         Command::Shutdown(args) => report(args.target.client().shutdown()),
         Command::Reboot(args) => report(args.target.client().reboot()),
+        Command::Clone(args) => clone::run(&args, cli.json),
         Command::Api(command) => {
             match &cli.api {
                 Some(socket) => api_cmd::run(socket, cli.json, command),
@@ -211,11 +217,23 @@ mod tests {
                 "eth0=tap1",
                 "--vsock-uds",
                 "v.sock",
+                "--vsock-cid",
+                "9",
             ],
         ] {
             let all = ["emberctl", "--api", "a.sock"].iter().chain(args);
             assert!(Cli::try_parse_from(all).is_ok(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn clone_parses_with_json_anywhere() {
+        let cli = Cli::try_parse_from([
+            "emberctl", "clone", "s.state", "s.mem", "-n", "20", "--dir", "c", "--json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert!(matches!(cli.command, Command::Clone(_)));
     }
 
     #[test]
