@@ -226,6 +226,9 @@ pub struct Vcpu {
     exits: Arc<VcpuExitCounters>,
     /// What KVM offers for saving and restoring this vCPU's state.
     support: StateSupport,
+    /// The last exit was port or MMIO I/O, whose instruction KVM finishes only on the next
+    /// `KVM_RUN` (see [`Vcpu::complete_pending_exit`]).
+    exit_pending: bool,
 }
 
 impl Vcpu {
@@ -243,6 +246,7 @@ impl Vcpu {
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::Create(index, e))?;
         Ok(Self {
+            exit_pending: false,
             index,
             fd,
             buses,
@@ -351,6 +355,9 @@ impl Vcpu {
             self.fd.set_kvm_immediate_exit(0);
             match events.try_recv() {
                 Ok(VcpuEvent::Pause) => {
+                    if let Some(stop) = self.complete_pending_exit() {
+                        return stop;
+                    }
                     if let Some(stop) = self.park(events, answers) {
                         return stop;
                     }
@@ -410,11 +417,41 @@ impl Vcpu {
         }
     }
 
+    /// Lets KVM finish the instruction of the last I/O exit without running the guest any
+    /// further. KVM completes a port or MMIO access (advancing the instruction pointer, or
+    /// storing an IN or MMIO read's value in its register) only when `KVM_RUN` is entered
+    /// again, and keeps that pending step where no state read can see it: a vCPU paused right
+    /// after such an exit and saved would, once restored, run the access a second time or
+    /// lose its value. With `immediate_exit` set, `KVM_RUN` finishes the step and returns
+    /// EINTR before entering the guest; an MMIO access split in parts first exits again for
+    /// its next part, which is served like any other.
+    fn complete_pending_exit(&mut self) -> Option<VcpuStop> {
+        // Far more rounds than an access has parts.
+        for _ in 0..16 {
+            if !self.exit_pending {
+                break;
+            }
+            self.fd.set_kvm_immediate_exit(1);
+            if let Some(stop) = self.run_once() {
+                return Some(stop);
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        None
+    }
+
     /// One KVM_RUN and the handling of its exit; `Some` when the vCPU must stop.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let buses = &self.buses;
         let result = self.fd.run();
         self.exits.count(&result);
+        self.exit_pending = matches!(
+            result,
+            Ok(VcpuExit::IoOut(..)
+                | VcpuExit::IoIn(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
         match result {
             Ok(VcpuExit::IoOut(port, data)) => {
                 buses.pio.write(u64::from(port), data);
