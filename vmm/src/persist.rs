@@ -15,13 +15,21 @@
 //! error while writing leaves the previous files at both paths intact and the VM paused and
 //! resumable.
 //!
+//! With dirty page tracking on ([`crate::vstate::dirty`]), the dirty pages are read before
+//! the files are written (which clears KVM's log) and cleared from the VMM's bitmaps once
+//! both files are in place, or handed back to them if anything failed, so that the next Diff
+//! has every page written since the last snapshot that succeeded. A Diff writes only those
+//! pages into a sparse memory file, and its state records, besides the kind, checksums of a
+//! few pages it left out ([`MemoryFileKind::Diff`]).
+//!
 //! # Restoring
 //!
 //! In a fresh process, before anything runs and before the VMM thread's seccomp filter goes
 //! on: the caller has loaded and checked the state file and the memory file
 //! ([`crate::snapshot::load_state`], [`crate::snapshot::check_memory_file`]). The state is
 //! checked against itself (vCPU count, memory layout, memory file size) before KVM is
-//! touched; then the VM and its controllers are restored, the memory file is mapped
+//! touched; a Diff's memory file must be merged (its sampled pages read back as they were);
+//! then the VM and its controllers are restored, the memory file is mapped
 //! privately, the devices and vCPUs are restored, and the caller starts the vCPUs paused or
 //! running.
 

@@ -600,6 +600,27 @@ fn snapshots_are_created_only_from_a_paused_vm() {
 }
 
 #[test]
+fn diff_snapshots_reach_a_vm_that_tracks_dirty_pages() {
+    use api::requests::SnapshotType::Diff;
+    let files = Files::new();
+    let (mut c, calls) = controller();
+    c.handle(VmmAction::PutMachineConfig(MachineConfig {
+        track_dirty_pages: true,
+        ..MachineConfig::default()
+    }))
+    .unwrap();
+    c.handle(files.boot()).unwrap();
+    c.handle(files.drive("root", true)).unwrap();
+    c.handle(VmmAction::InstanceStart).unwrap();
+    c.handle(VmmAction::Pause).unwrap();
+    c.handle(create("d", Diff)).unwrap();
+    assert!(calls
+        .borrow()
+        .log
+        .contains(&"snapshot Diff d.state d.mem".to_string()));
+}
+
+#[test]
 fn snapshots_load_only_into_a_fresh_controller() {
     let files = Files::new();
     let (c, calls) = controller();
