@@ -447,19 +447,29 @@ fn emberctl_offline(art: &Artifacts, args: &[&str]) -> (i32, String, String) {
 /// The first offset where files `a` and `b` differ, if any (sizes included).
 fn first_difference(a: &Path, b: &Path) -> Option<u64> {
     use std::io::Read;
+    /// As many bytes as fit in `buf`, fewer only at the end of the file.
+    fn fill(file: &mut fs::File, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match file.read(&mut buf[n..]).unwrap() {
+                0 => break,
+                got => n += got,
+            }
+        }
+        n
+    }
     let (mut fa, mut fb) = (fs::File::open(a).unwrap(), fs::File::open(b).unwrap());
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     let mut offset = 0u64;
     loop {
-        let na = fa.read(&mut ba).unwrap();
-        let nb = fb.read(&mut bb).unwrap();
+        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
         if na != nb || ba[..na] != bb[..nb] {
-            let at = ba[..na.min(nb)]
+            let same = ba[..na.min(nb)]
                 .iter()
                 .zip(&bb[..na.min(nb)])
                 .position(|(x, y)| x != y)
                 .unwrap_or(na.min(nb));
-            return Some(offset + at as u64);
+            return Some(offset + same as u64);
         }
         if na == 0 {
             return None;
