@@ -496,9 +496,9 @@ fn create_snapshot(vm: &Ember, state: &Path, mem: &Path, diff: bool) {
 /// Full C of the same paused moment. B alone is refused at load; B merged onto a copy of A's
 /// memory is byte for byte C's memory, and it restores: the guest goes on with both files.
 #[test]
-fn a_diff_snapshot_merged_onto_its_base_is_the_full_memory() {
+fn a_merged_diff_is_the_full_memory() {
     let Some(dir) = testbed::vm_test(
-        "a_diff_snapshot_merged_onto_its_base_is_the_full_memory",
+        "a_merged_diff_is_the_full_memory",
         Duration::from_secs(2400),
     ) else {
         return;
