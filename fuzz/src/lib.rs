@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::net::device::FrameBackend;
 use vmm::devices::virtio::{Interrupt, VirtioDevice};
+use vmm::vstate::memory::{self, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory: `[0, LOW_END)`, a hole, then `[HIGH_START, HIGH_END)`. The hole makes
@@ -29,7 +30,7 @@ pub fn guest_memory(image: &[u8]) -> Arc<GuestMemoryMmap> {
         (GuestAddress(0), LOW_END as usize),
         (GuestAddress(HIGH_START), (HIGH_END - HIGH_START) as usize),
     ];
-    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("anonymous guest memory");
+    let mem = memory::anonymous(&ranges).expect("anonymous guest memory");
     let image = &image[..image.len().min(MEMORY_BYTES)];
     let (low, high) = image.split_at(image.len().min(LOW_END as usize));
     mem.write_slice(low, GuestAddress(0)).expect("low region");

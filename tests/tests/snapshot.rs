@@ -3,8 +3,10 @@
 //! seccomp filter), and its ember killed; a fresh `ember --api-sock` refuses a truncated and
 //! a bit-flipped state file and a memory file of the wrong size, staying "Not started", then
 //! loads the snapshot with a new vsock socket and resumes it: the agent answers again, the
-//! counter goes on from where it was in the same process, and the file is intact. The bodies
-//! run where KVM can boot stock guests (`testbed::vm_test`).
+//! counter goes on from where it was in the same process, and the file is intact. With dirty
+//! page tracking, a Diff snapshot merged onto its base (`emberctl snapshot merge`) is byte
+//! for byte a Full snapshot of the same moment, and restores. The bodies run where KVM can
+//! boot stock guests (`testbed::vm_test`).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -192,13 +194,19 @@ fn agent_after_restore(uds: &Path, vm: &Ember) -> AgentClient {
     }
 }
 
-/// Boots a guest with the agent, starts the counter and writes a file; returns the VM, its
-/// agent and the file's checksum.
-fn boot_and_prepare(dir: &Path, art: &Artifacts) -> (Ember, AgentClient, String) {
+/// Boots a guest with the agent (tracking dirty pages when `track_dirty`), starts the
+/// counter and writes a file; returns the VM, its agent and the file's checksum.
+fn boot_and_prepare(
+    dir: &Path,
+    art: &Artifacts,
+    track_dirty: bool,
+) -> (Ember, AgentClient, String) {
     let root = art.private_rootfs(dir).unwrap();
     let uds = dir.join("v.sock");
     let spec = GuestSpec::with_agent(art, &root, &uds);
-    fs::write(dir.join("vm.json"), spec.config_json()).unwrap();
+    let mut config: Value = serde_json::from_str(&spec.config_json()).unwrap();
+    config["machine-config"]["track_dirty_pages"] = json!(track_dirty);
+    fs::write(dir.join("vm.json"), config.to_string()).unwrap();
     let ready_uds = uds.clone();
     let ready =
         std::thread::spawn(move || api::agent::wait_ready(&ready_uds, Duration::from_secs(900)));
@@ -276,7 +284,7 @@ fn a_restored_guest_goes_on_where_it_was() {
         return;
     };
     let art = artifacts();
-    let (mut first, agent, sum) = boot_and_prepare(&dir, &art);
+    let (mut first, agent, sum) = boot_and_prepare(&dir, &art, false);
     let pid = sh(&agent, "cat /tmp/loop.pid");
     let running = first.refused(
         "PUT",
@@ -393,7 +401,10 @@ fn a_full_disk_leaves_the_vm_paused_and_resumable(vm: &Ember, agent: &AgentClien
         "/snapshot/create",
         json!({"snapshot_type": "Diff", "snapshot_path": state, "mem_file_path": mem}),
     );
-    assert!(diff.contains("not supported"), "{diff}");
+    assert!(
+        diff.contains("needs dirty page tracking") && diff.contains("enable track_dirty_pages"),
+        "{diff}"
+    );
     let (code, _, err) = vm.emberctl(&["resume"]);
     assert_eq!(code, 0, "{err}");
     let now = counter(agent);
@@ -420,4 +431,185 @@ fn loading_paused_keeps_the_guest_still(dir: &Path, state: &Path, mem: &Path) {
     let agent = AgentClient::vsock(&uds).with_timeout(Duration::from_secs(5));
     assert!(agent.ping().is_err(), "a paused guest answered");
     paused.kill();
+}
+
+/// Runs `emberctl ARGS...` without an API socket; (exit code, stdout, stderr).
+fn emberctl_offline(art: &Artifacts, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(&art.emberctl).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+/// The first offset where files `a` and `b` differ, if any (sizes included).
+fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    use std::io::Read;
+    /// As many bytes as fit in `buf`, fewer only at the end of the file.
+    fn fill(file: &mut fs::File, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match file.read(&mut buf[n..]).unwrap() {
+                0 => break,
+                got => n += got,
+            }
+        }
+        n
+    }
+    let (mut fa, mut fb) = (fs::File::open(a).unwrap(), fs::File::open(b).unwrap());
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut offset = 0u64;
+    loop {
+        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
+        if na != nb || ba[..na] != bb[..nb] {
+            let same = ba[..na.min(nb)]
+                .iter()
+                .zip(&bb[..na.min(nb)])
+                .position(|(x, y)| x != y)
+                .unwrap_or(na.min(nb));
+            return Some(offset + same as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        offset += na as u64;
+    }
+}
+
+fn create_snapshot(vm: &Ember, state: &Path, mem: &Path, diff: bool) {
+    let mut args = vec![
+        "snapshot",
+        "create",
+        state.to_str().unwrap(),
+        mem.to_str().unwrap(),
+    ];
+    if diff {
+        args.push("--diff");
+    }
+    let (code, out, err) = vm.emberctl(&args);
+    assert_eq!(code, 0, "{out}{err}\n{}", vm.logs());
+}
+
+/// With dirty page tracking: full snapshot A, the guest runs and writes, then a Diff B and a
+/// Full C of the same paused moment. B alone is refused at load; B merged onto a copy of A's
+/// memory is byte for byte C's memory, and it restores: the guest goes on with both files.
+#[test]
+fn a_merged_diff_is_the_full_memory() {
+    let Some(dir) = testbed::vm_test(
+        "a_merged_diff_is_the_full_memory",
+        Duration::from_secs(2400),
+    ) else {
+        return;
+    };
+    let art = artifacts();
+    let (mut first, agent, sum) = boot_and_prepare(&dir, &art, true);
+    let path = |name: &str| dir.join(name);
+    let (code, _, err) = first.emberctl(&["pause"]);
+    assert_eq!(code, 0, "{err}");
+    create_snapshot(&first, &path("a.state"), &path("a.mem"), false);
+    let (code, _, err) = first.emberctl(&["resume"]);
+    assert_eq!(code, 0, "{err}");
+
+    let more = sh(
+        &agent,
+        "head -c 3000000 /dev/urandom > /tmp/more && md5sum /tmp/more",
+    );
+    let now = counter(&agent);
+    wait_until(
+        "the counter after the full snapshot",
+        Duration::from_secs(120),
+        || counter(&agent) > now + 3,
+    );
+    let (code, _, err) = first.emberctl(&["pause"]);
+    assert_eq!(code, 0, "{err}");
+    // Let the devices settle (a closing vsock stream) before the two snapshots.
+    std::thread::sleep(Duration::from_secs(2));
+    create_snapshot(&first, &path("b.state"), &path("b.mem"), true);
+    create_snapshot(&first, &path("c.state"), &path("c.mem"), false);
+    first.kill();
+
+    let b_meta = fs::metadata(path("b.mem")).unwrap();
+    assert_eq!(b_meta.len(), 128 << 20);
+    let b_bytes = std::os::unix::fs::MetadataExt::blocks(&b_meta) * 512;
+    assert!(
+        b_bytes > 0 && b_bytes < 64 << 20,
+        "the diff holds {b_bytes} bytes of data"
+    );
+
+    let uds = dir.join("v-diff.sock");
+    let fresh = Ember::spawn(&dir.join("unmerged"), &[]);
+    let message = fresh.refused(
+        "PUT",
+        "/snapshot/load",
+        load_body(&path("b.state"), &path("b.mem"), &uds),
+    );
+    assert!(
+        message.contains("is a Diff snapshot") && message.contains("emberctl snapshot merge"),
+        "{message}"
+    );
+    assert_eq!(fresh.state(), "Not started");
+    drop(fresh);
+
+    let merged = path("merged.mem");
+    fs::copy(path("a.mem"), &merged).unwrap();
+    let (code, out, err) = emberctl_offline(
+        &art,
+        &[
+            "snapshot",
+            "merge",
+            "--base",
+            merged.to_str().unwrap(),
+            "--diff",
+            path("b.mem").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("merged "), "{out}");
+    assert_eq!(
+        first_difference(&merged, &path("c.mem")),
+        None,
+        "the merged memory differs from the full snapshot's"
+    );
+    let (code, _, err) = emberctl_offline(
+        &art,
+        &[
+            "snapshot",
+            "merge",
+            "--base",
+            path("a.state").to_str().unwrap(),
+            "--diff",
+            path("b.mem").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("not snapshots of the same VM"), "{err}");
+
+    let mut second = Ember::spawn(&dir.join("merged"), &[]);
+    let mut body = load_body(&path("b.state"), &merged, &uds);
+    body["track_dirty_pages"] = json!(true);
+    let r = second.call("PUT", "/snapshot/load", Some(body));
+    assert_eq!(r.status, 204, "{r:?}\n{}", second.logs());
+    let agent = agent_after_restore(&uds, &second);
+    assert_eq!(sh(&agent, "md5sum /tmp/data"), sum);
+    assert_eq!(sh(&agent, "md5sum /tmp/more"), more);
+    let after = counter(&agent);
+    wait_until("the counter to go on", Duration::from_secs(120), || {
+        counter(&agent) > after
+    });
+    // The restored VM tracks dirty pages too: a Diff of it is taken.
+    let (code, _, err) = second.emberctl(&["pause"]);
+    assert_eq!(code, 0, "{err}");
+    create_snapshot(&second, &path("d.state"), &path("d.mem"), true);
+    let (code, _, err) = second.emberctl(&["resume"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = second.emberctl(&["ctrl-alt-del"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(300)),
+        Some(0),
+        "{}",
+        second.logs()
+    );
 }

@@ -26,10 +26,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::MMIO_GAP_START;
 use crate::devices::bus::lock;
@@ -522,7 +522,7 @@ mod tests {
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     fn memory() -> Arc<GuestMemoryMmap> {
-        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap())
+        Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), 4 << 20)]).unwrap())
     }
 
     fn temp(name: &str) -> PathBuf {

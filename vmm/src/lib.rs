@@ -22,12 +22,12 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use api::models::{
     parse_mac, BootSource, CacheType, Drive, MachineConfig, ModelError, NetworkInterface, VmConfig,
     VsockConfig, MAX_BOOT_ARGS_LEN,
 };
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -221,8 +221,12 @@ impl Vmm {
             reason: "missing".into(),
         })?;
         let vm = kvm::create_vm(kvm::open_kvm(machine.vcpu_count)?)?;
-        let guest_memory = Arc::new(memory::create_guest_memory(machine.mem_size_mib)?);
-        vm.register_memory(&guest_memory)?;
+        let track_dirty = machine.track_dirty_pages;
+        let guest_memory = Arc::new(memory::create_guest_memory(
+            machine.mem_size_mib,
+            track_dirty,
+        )?);
+        vm.register_memory(&guest_memory, track_dirty)?;
 
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let (stop_tx, stop_rx) = channel();

@@ -15,13 +15,21 @@
 //! error while writing leaves the previous files at both paths intact and the VM paused and
 //! resumable.
 //!
+//! With dirty page tracking on ([`crate::vstate::dirty`]), the dirty pages are read before
+//! the files are written (which clears KVM's log) and cleared from the VMM's bitmaps once
+//! both files are in place, or handed back to them if anything failed, so that the next Diff
+//! has every page written since the last snapshot that succeeded. A Diff writes only those
+//! pages into a sparse memory file, and its state records, besides the kind, checksums of a
+//! few pages it left out ([`MemoryFileKind::Diff`]).
+//!
 //! # Restoring
 //!
 //! In a fresh process, before anything runs and before the VMM thread's seccomp filter goes
 //! on: the caller has loaded and checked the state file and the memory file
 //! ([`crate::snapshot::load_state`], [`crate::snapshot::check_memory_file`]). The state is
 //! checked against itself (vCPU count, memory layout, memory file size) before KVM is
-//! touched; then the VM and its controllers are restored, the memory file is mapped
+//! touched; a Diff's memory file must be merged (its sampled pages read back as they were);
+//! then the VM and its controllers are restored, the memory file is mapped
 //! privately, the devices and vCPUs are restored, and the caller starts the vCPUs paused or
 //! running.
 
@@ -32,7 +40,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
 use api::models::{MachineConfig, MAX_VCPUS};
-use api::requests::SnapshotLoadParams;
+use api::requests::{SnapshotLoadParams, SnapshotType};
 use event_manager::{EventManager, SubscriberOps};
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +55,11 @@ use crate::devices::legacy::{
 };
 use crate::devices::virtio::block::Block;
 use crate::metrics::{DeviceCounters, VcpuExitCounters};
-use crate::snapshot::{encode, load_state, prepare_file, LoadedState, Persist, SnapshotError};
+use crate::snapshot::{
+    checksum, decode_exact, encode, load_state_with, prepare_file, LoadedState, Persist,
+    SnapshotError,
+};
+use crate::vstate::dirty::{self, DirtyError, DirtyPages};
 use crate::vstate::kvm::{open_kvm, KvmVm};
 use crate::vstate::memory;
 use crate::vstate::vcpu::{check_vcpu_states, Vcpu, VcpuError, VcpuState, VcpuStateError};
@@ -74,7 +86,7 @@ pub struct MemoryRegionState {
     pub size: u64,
 }
 
-/// Everything a snapshot's state file holds.
+/// Everything a snapshot's state file holds (format version 2).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MicrovmState {
     pub machine: SavedMachine,
@@ -82,6 +94,61 @@ pub struct MicrovmState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceStates,
+    /// What the memory file saved with this state holds.
+    pub memory_file: MemoryFileKind,
+}
+
+/// What a snapshot's memory file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryFileKind {
+    /// Every page of guest memory.
+    Full,
+    /// Only the pages written since the previous snapshot of this VM (or since its boot or
+    /// restore); the others are holes. Loadable once merged onto the previous snapshot's
+    /// memory file. `samples` are pages it does not hold, to tell a merged file from one
+    /// that is not (see [`check_diff_merged`]).
+    Diff { samples: Vec<PageSample> },
+}
+
+/// A page of guest memory that a diff memory file does not hold, by its checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageSample {
+    /// Offset of the page in the memory file.
+    pub offset: u64,
+    /// CRC-64/XZ of the page's [`memory::PAGE_SIZE`] bytes.
+    pub crc: u64,
+}
+
+/// How many clean pages a diff snapshot samples.
+const DIFF_SAMPLES: usize = 16;
+
+/// The state of format version 1: a [`MicrovmState`] before the memory file's kind was
+/// recorded; its memory files are full.
+#[derive(Deserialize)]
+struct MicrovmStateV1 {
+    machine: SavedMachine,
+    memory: Vec<MemoryRegionState>,
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+    devices: DeviceStates,
+}
+
+impl MicrovmState {
+    /// Decodes the payload of a state file of format `version`, older ones included.
+    pub fn decode_payload(version: u32, payload: &[u8]) -> Result<Self, String> {
+        if version > 1 {
+            return decode_exact(payload);
+        }
+        let v1: MicrovmStateV1 = decode_exact(payload)?;
+        Ok(MicrovmState {
+            machine: v1.machine,
+            memory: v1.memory,
+            vm: v1.vm,
+            vcpus: v1.vcpus,
+            devices: v1.devices,
+            memory_file: MemoryFileKind::Full,
+        })
+    }
 }
 
 /// Why a snapshot could not be created or restored.
@@ -111,22 +178,89 @@ pub enum PersistError {
     RestoreLegacy(String),
     #[error("cannot restore the vCPUs: {0}")]
     RestoreVcpu(VcpuStateError),
+    #[error("a Diff snapshot needs dirty page tracking; enable track_dirty_pages in PUT /machine-config before boot, or in PUT /snapshot/load, or take a Full snapshot")]
+    DiffWithoutTracking,
+    #[error("cannot read the dirty pages: {0}")]
+    DirtyPages(DirtyError),
+    #[error("cannot read memory file {0}: {1}")]
+    ReadMemory(PathBuf, std::io::Error),
+    #[error("snapshot state {state} is a Diff snapshot and memory file {mem} does not hold the pages the diff left out (the page at offset {offset:#x} differs): merge the diff memory file onto the memory file of the snapshot it follows (emberctl snapshot merge --base BASE_MEM --diff DIFF_MEM) and load the merged file")]
+    DiffNotMerged {
+        state: PathBuf,
+        mem: PathBuf,
+        offset: u64,
+    },
 }
 
 impl Vmm {
-    /// Writes a full snapshot of this paused VM: guest memory to `mem_path`, then the state
-    /// to `state_path` (see the module docs). On error the VM is still paused and can be
-    /// resumed, and the files previously at both paths are intact, unless renaming the
-    /// state file into place fails after the memory file was (the error says which).
-    pub fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
+    /// Writes a snapshot of this paused VM: guest memory to `mem_path` (every page, or for
+    /// a Diff only those written since the last snapshot), then the state to `state_path`
+    /// (see the module docs). With dirty page tracking on, the dirty pages are cleared once
+    /// both files are in place, and kept for the next snapshot if anything fails. On error
+    /// the VM is still paused and can be resumed, and the files previously at both paths are
+    /// intact, unless renaming the state file into place fails after the memory file was
+    /// (the error says which).
+    pub fn save_snapshot(
+        &mut self,
+        state_path: &Path,
+        mem_path: &Path,
+        kind: SnapshotType,
+    ) -> Result<(), VmmError> {
         if self.handles.is_empty() {
             return Err(VmmError::NotStarted);
         }
+        let tracking = self.machine.track_dirty_pages;
+        if kind == SnapshotType::Diff && !tracking {
+            return Err(PersistError::DiffWithoutTracking.into());
+        }
         let state = self.capture()?;
+        let dirty = match tracking {
+            true => Some(
+                DirtyPages::fetch(&self.vm.fd, &self.guest_memory)
+                    .map_err(PersistError::DirtyPages)?,
+            ),
+            false => None,
+        };
+        let written = self.write_snapshot(
+            state,
+            dirty.as_ref().filter(|_| kind == SnapshotType::Diff),
+            state_path,
+            mem_path,
+        );
+        match (&dirty, &written) {
+            (Some(dirty), Ok(())) => dirty.forget(&self.guest_memory),
+            (Some(dirty), Err(_)) => dirty.give_back(&self.guest_memory),
+            (None, _) => {}
+        }
+        written
+    }
+
+    /// Writes the memory file (the `diff` pages only, when given) and the state file
+    /// recording its kind, both prepared before either is renamed into place.
+    fn write_snapshot(
+        &self,
+        mut state: MicrovmState,
+        diff: Option<&DirtyPages>,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<(), VmmError> {
         let mem_size: u64 = state.memory.iter().map(|r| r.size).sum();
+        if let Some(dirty) = diff {
+            let samples = dirty::clean_samples(&self.guest_memory, dirty, DIFF_SAMPLES)
+                .into_iter()
+                .map(|(offset, page)| PageSample {
+                    offset,
+                    crc: checksum(&page),
+                })
+                .collect();
+            state.memory_file = MemoryFileKind::Diff { samples };
+        }
         let bytes = encode(&state, mem_size).map_err(PersistError::Write)?;
-        let mem_file = prepare_file(mem_path, |file| memory::dump(&self.guest_memory, file))
-            .map_err(PersistError::Write)?;
+        let mem_file = prepare_file(mem_path, |file| match diff {
+            Some(dirty) => dirty::write_diff(&self.guest_memory, dirty, file),
+            None => memory::dump(&self.guest_memory, file),
+        })
+        .map_err(PersistError::Write)?;
         let state_file =
             prepare_file(state_path, |file| file.write_all(&bytes)).map_err(PersistError::Write)?;
         // Both files are on disk under temporary names: only a failed rename (not a full
@@ -169,6 +303,7 @@ impl Vmm {
             vm,
             vcpus,
             devices: DeviceStates { legacy, virtio },
+            memory_file: MemoryFileKind::Full,
         })
     }
 
@@ -183,11 +318,14 @@ impl Vmm {
         let mem_path = params
             .mem_file()
             .map_err(|fault| PersistError::Request(fault.0))?;
-        let loaded: LoadedState<MicrovmState> =
-            load_state(&params.snapshot_path).map_err(PersistError::Load)?;
+        let loaded = load_state_with(&params.snapshot_path, MicrovmState::decode_payload)
+            .map_err(PersistError::Load)?;
         let mem_file = loaded
             .open_memory_file(mem_path)
             .map_err(PersistError::Load)?;
+        if let MemoryFileKind::Diff { samples } = &loaded.state.memory_file {
+            check_diff_merged(samples, &mem_file, &loaded.path, mem_path)?;
+        }
         let overrides = DeviceOverrides {
             host_dev_names: params
                 .network_overrides
@@ -197,7 +335,8 @@ impl Vmm {
             vsock_uds_path: params.vsock_override.as_ref().map(|v| v.uds_path.clone()),
             vsock_guest_cid: params.vsock_override.as_ref().and_then(|v| v.guest_cid),
         };
-        Self::restore(&loaded, mem_file, &overrides, options, console)
+        let track_dirty = params.track_dirty_pages;
+        Self::restore(&loaded, mem_file, &overrides, options, console, track_dirty)
     }
 
     /// The machine configuration this VM runs with.
@@ -205,14 +344,16 @@ impl Vmm {
         self.machine.clone()
     }
 
-    /// Builds a VM from a loaded snapshot and its checked memory file (see the module docs);
-    /// its vCPUs are restored but not started: [`Vmm::start`] or [`Vmm::start_paused`].
+    /// Builds a VM from a loaded snapshot and its checked memory file (see the module docs),
+    /// tracking dirty pages from here on when `track_dirty`; its vCPUs are restored but not
+    /// started: [`Vmm::start`] or [`Vmm::start_paused`].
     pub fn restore(
         loaded: &LoadedState<MicrovmState>,
         mem_file: File,
         overrides: &DeviceOverrides,
         options: VmmOptions,
         console: Box<dyn Write + Send>,
+        track_dirty: bool,
     ) -> Result<Self, VmmError> {
         let state = &loaded.state;
         check_state(loaded)?;
@@ -220,8 +361,8 @@ impl Vmm {
         let vm =
             KvmVm::restore(open_kvm(vcpu_count)?, &state.vm).map_err(PersistError::RestoreVm)?;
         let layout: Vec<_> = state.memory.iter().map(|r| (r.base, r.size)).collect();
-        let guest_memory = Arc::new(memory::map_file_private(mem_file, &layout)?);
-        vm.register_memory(&guest_memory)?;
+        let guest_memory = Arc::new(memory::map_file_private(mem_file, &layout, track_dirty)?);
+        vm.register_memory(&guest_memory, track_dirty)?;
 
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let (stop_tx, stop_rx) = channel();
@@ -267,6 +408,7 @@ impl Vmm {
             machine: MachineConfig {
                 vcpu_count,
                 mem_size_mib: usize::try_from(state.machine.mem_size_mib).unwrap_or(usize::MAX),
+                track_dirty_pages: track_dirty,
                 ..MachineConfig::default()
             },
             event_manager,
@@ -354,6 +496,33 @@ fn check_state(loaded: &LoadedState<MicrovmState>) -> Result<(), PersistError> {
             "it describes {bytes} bytes of guest memory but records a {}-byte memory file",
             loaded.mem_file_size()
         )));
+    }
+    Ok(())
+}
+
+/// A Diff snapshot's memory file must hold, where the diff has holes, the pages of the
+/// snapshot it follows: each sampled page must read back with its checksum. An unmerged diff
+/// reads zeros there (a sample is never an all-zero page), and so does a merge onto the
+/// wrong base, most likely.
+fn check_diff_merged(
+    samples: &[PageSample],
+    mem_file: &File,
+    state_path: &Path,
+    mem_path: &Path,
+) -> Result<(), PersistError> {
+    use std::os::unix::fs::FileExt;
+    let mut page = vec![0u8; memory::PAGE_SIZE];
+    for sample in samples {
+        mem_file
+            .read_exact_at(&mut page, sample.offset)
+            .map_err(|e| PersistError::ReadMemory(mem_path.to_path_buf(), e))?;
+        if checksum(&page) != sample.crc {
+            return Err(PersistError::DiffNotMerged {
+                state: state_path.to_path_buf(),
+                mem: mem_path.to_path_buf(),
+                offset: sample.offset,
+            });
+        }
     }
     Ok(())
 }

@@ -47,8 +47,9 @@ pub trait Machine {
     fn resume(&mut self) -> Result<(), VmmError>;
     fn send_ctrl_alt_del(&mut self);
     fn update_drive(&mut self, drive_id: &str, path: &Path) -> Result<(), VmmError>;
-    /// Writes a full snapshot of the paused VM: memory to `mem_path`, state to `state_path`.
-    fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError>;
+    /// Writes a snapshot (full, or diff) of the paused VM: memory to `mem_file_path`, state
+    /// to `snapshot_path`.
+    fn save_snapshot(&mut self, params: &SnapshotCreateParams) -> Result<(), VmmError>;
     fn device_counters(&self) -> DeviceCounters;
     fn exit_counters(&self) -> Arc<VcpuExitCounters>;
     /// Serves the VM's events for up to `timeout_ms` (-1: until one arrives); `Some` once
@@ -339,10 +340,13 @@ impl<M: Machine> Controller<M> {
     }
 
     fn create_snapshot(&mut self, params: &SnapshotCreateParams) -> Result<VmmData, Fault> {
-        if params.snapshot_type == SnapshotType::Diff {
+        if params.snapshot_type == SnapshotType::Diff
+            && !self.config.machine_config.track_dirty_pages
+        {
             return Err(fault(
-                "snapshot/create.snapshot_type: Diff snapshots are not supported by this \
-                 version of Ember yet; use Full",
+                "snapshot/create.snapshot_type: a Diff snapshot needs dirty page tracking, \
+                 which is off for this VM; enable track_dirty_pages in PUT /machine-config \
+                 before boot or in PUT /snapshot/load, or take a Full snapshot",
             ));
         }
         if params.snapshot_path == params.mem_file_path {
@@ -351,7 +355,7 @@ impl<M: Machine> Controller<M> {
             ));
         }
         self.running()?
-            .save_snapshot(&params.snapshot_path, &params.mem_file_path)
+            .save_snapshot(params)
             .map_err(|e| fault(format!("snapshot/create: {e}; the VM is still paused")))?;
         Ok(VmmData::Empty)
     }
@@ -367,12 +371,6 @@ impl<M: Machine> Controller<M> {
     }
 
     fn load_snapshot(&mut self, params: &SnapshotLoadParams) -> Result<VmmData, Fault> {
-        if params.track_dirty_pages {
-            return Err(fault(
-                "snapshot/load.track_dirty_pages: dirty page tracking (for Diff snapshots) is \
-                 not supported by this version of Ember yet; leave it false",
-            ));
-        }
         if self.boot_configured() {
             return Err(fault(
                 "snapshot/load: this VM is already being configured for a boot; load a \

@@ -43,8 +43,16 @@ impl Machine for FakeMachine {
         self.0.borrow_mut().log.push(call);
         Ok(())
     }
-    fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
-        let call = format!("snapshot {} {}", state_path.display(), mem_path.display());
+    fn save_snapshot(
+        &mut self,
+        params: &api::requests::SnapshotCreateParams,
+    ) -> Result<(), VmmError> {
+        let call = format!(
+            "snapshot {:?} {} {}",
+            params.snapshot_type,
+            params.snapshot_path.display(),
+            params.mem_file_path.display()
+        );
         self.0.borrow_mut().log.push(call);
         Ok(())
     }
@@ -581,13 +589,35 @@ fn snapshots_are_created_only_from_a_paused_vm() {
         "{running}"
     );
     c.handle(VmmAction::Pause).unwrap();
-    assert!(refused(&mut c, create("a", Diff)).contains("Diff snapshots are not supported"));
+    let diff = refused(&mut c, create("a", Diff));
+    assert!(diff.contains("enable track_dirty_pages"), "{diff}");
     c.handle(create("a", Full)).unwrap();
     assert!(calls
         .borrow()
         .log
-        .contains(&"snapshot a.state a.mem".to_string()));
+        .contains(&"snapshot Full a.state a.mem".to_string()));
     assert!(refused(&mut c, load(true, false)).contains("fresh ember process"));
+}
+
+#[test]
+fn diff_snapshots_reach_a_vm_that_tracks_dirty_pages() {
+    use api::requests::SnapshotType::Diff;
+    let files = Files::new();
+    let (mut c, calls) = controller();
+    c.handle(VmmAction::PutMachineConfig(MachineConfig {
+        track_dirty_pages: true,
+        ..MachineConfig::default()
+    }))
+    .unwrap();
+    c.handle(files.boot()).unwrap();
+    c.handle(files.drive("root", true)).unwrap();
+    c.handle(VmmAction::InstanceStart).unwrap();
+    c.handle(VmmAction::Pause).unwrap();
+    c.handle(create("d", Diff)).unwrap();
+    assert!(calls
+        .borrow()
+        .log
+        .contains(&"snapshot Diff d.state d.mem".to_string()));
 }
 
 #[test]
@@ -595,7 +625,6 @@ fn snapshots_load_only_into_a_fresh_controller() {
     let files = Files::new();
     let (c, calls) = controller();
     let mut c = with_restorer(c, &calls);
-    assert!(refused(&mut c, load(false, true)).contains("track_dirty_pages"));
     c.handle(load(false, false)).unwrap();
     assert_eq!(c.state(), VmState::Paused);
     assert!(calls.borrow().log.contains(&"restore s.state".to_string()));

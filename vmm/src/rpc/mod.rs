@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::models::{LogLevel, VmConfig};
-use api::requests::{actions_from_config, Fault};
+use api::requests::{actions_from_config, Fault, SnapshotCreateParams};
 
 use crate::metrics::{DeviceCounters, VcpuExitCounters};
 use crate::{VmOutcome, Vmm, VmmError};
@@ -40,8 +40,13 @@ impl Machine for Vmm {
         Vmm::update_drive(self, drive_id, path)
     }
 
-    fn save_snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
-        Vmm::save_snapshot(self, state_path, mem_path)
+    fn save_snapshot(&mut self, params: &SnapshotCreateParams) -> Result<(), VmmError> {
+        Vmm::save_snapshot(
+            self,
+            &params.snapshot_path,
+            &params.mem_file_path,
+            params.snapshot_type,
+        )
     }
 
     fn device_counters(&self) -> DeviceCounters {

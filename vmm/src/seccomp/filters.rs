@@ -115,6 +115,14 @@ pub(super) const KVM_GET_IRQCHIP: u64 = kvm_iowr::<kvm_bindings::kvm_irqchip>(0x
 pub(super) const KVM_GET_PIT2: u64 = kvm_ior::<kvm_bindings::kvm_pit_state2>(0x9f);
 /// `_IOR(KVMIO, 0x7c, struct kvm_clock_data)`.
 pub(super) const KVM_GET_CLOCK: u64 = kvm_ior::<kvm_bindings::kvm_clock_data>(0x7c);
+/// `_IOW(KVMIO, 0x42, struct kvm_dirty_log)`: the pages the guest wrote, for snapshots of a
+/// VM that tracks dirty pages.
+pub(super) const KVM_GET_DIRTY_LOG: u64 = ioctl_expr(
+    _IOC_WRITE,
+    KVMIO,
+    0x42,
+    std::mem::size_of::<kvm_bindings::kvm_dirty_log>() as c_uint,
+);
 
 /// `mmap`/`mprotect` argument 2 (`prot`): no thread ever maps new code.
 const NO_EXEC: Args = Args::NoneOf(2, libc::PROT_EXEC as u64);
@@ -247,6 +255,8 @@ const VMM: &[Allowed] = &[
                 KVM_GET_IRQCHIP,
                 KVM_GET_PIT2,
                 KVM_GET_CLOCK,
+                // Snapshot create with dirty page tracking: KVM's dirty log of each slot.
+                KVM_GET_DIRTY_LOG,
             ],
         ),
     ),
@@ -274,6 +284,9 @@ const VMM: &[Allowed] = &[
     (libc::SYS_rename, Args::Any),
     // Snapshot create: a temporary file whose write failed (a full disk) is removed.
     (libc::SYS_unlink, Args::Any),
+    // Diff snapshot create: the memory file gets its full size before the dirty pages are
+    // written into it (the rest stays holes).
+    (libc::SYS_ftruncate, Args::Any),
 ];
 
 /// The API thread (`rpc::server`): accepts clients on the bound API socket and serves each

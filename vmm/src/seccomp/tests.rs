@@ -114,6 +114,7 @@ fn the_snapshot_request_numbers_are_the_kernels() {
         (filters::KVM_GET_IRQCHIP, 0xc208_ae62),
         (filters::KVM_GET_PIT2, 0x8070_ae9f),
         (filters::KVM_GET_CLOCK, 0x8030_ae7c),
+        (filters::KVM_GET_DIRTY_LOG, 0x4010_ae42),
     ];
     for (computed, kernel) in expected {
         assert_eq!(computed, kernel, "{computed:#x} is not {kernel:#x}");
@@ -151,7 +152,7 @@ fn the_vmm_thread_writes_snapshot_files_under_its_filter() {
 /// What snapshot create does on the VMM thread: the memory file and the state file, each
 /// written to a temporary file, fsynced, renamed over an older one (the directory fsynced);
 /// and a failed write, whose temporary file is removed.
-fn write_snapshot_files((dir, mem): (std::path::PathBuf, vm_memory::GuestMemoryMmap)) {
+fn write_snapshot_files((dir, mem): (std::path::PathBuf, crate::vstate::memory::GuestMemoryMmap)) {
     use crate::snapshot::{load_state, save_state, write_file_atomically};
     let mem_path = dir.join("vm.mem");
     for _ in 0..2 {
@@ -337,7 +338,7 @@ fn child_process() {
         }),
         "vmm-write-snapshot-files" => {
             let dir = scratch("snapshot-files");
-            let mem = crate::vstate::memory::create_guest_memory(16).unwrap();
+            let mem = crate::vstate::memory::create_guest_memory(16, false).unwrap();
             allowed(ThreadKind::Vmm, (dir, mem), write_snapshot_files);
         }
         "api-open" => {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::format::{check_header, decode, encode, Header, HEADER_LEN};
+use super::format::{check_header, decode_exact, decode_with, encode, Header, HEADER_LEN};
 use super::SnapshotError;
 
 /// A state file that passed every check, with its decoded state.
@@ -53,6 +53,15 @@ pub fn save_state<T: Serialize + ?Sized>(
 /// (see the module docs) before the state is returned; at most the payload limit plus the
 /// envelope is ever read or allocated, whatever the file says.
 pub fn load_state<T: DeserializeOwned>(path: &Path) -> Result<LoadedState<T>, SnapshotError> {
+    load_state_with(path, |_, payload| decode_exact(payload))
+}
+
+/// [`load_state`] with the payload decoded by `payload`, given its format version: for a
+/// state that reads older versions' shapes.
+pub fn load_state_with<T>(
+    path: &Path,
+    payload: impl FnOnce(u32, &[u8]) -> Result<T, String>,
+) -> Result<LoadedState<T>, SnapshotError> {
     let read_err = |e| SnapshotError::ReadState(path.to_path_buf(), e);
     let file = open_nonblocking(path).map_err(|e| SnapshotError::OpenState(path.into(), e))?;
     let metadata = file.metadata().map_err(read_err)?;
@@ -73,7 +82,7 @@ pub fn load_state<T: DeserializeOwned>(path: &Path) -> Result<LoadedState<T>, Sn
         .take(rest + 1)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
-    let (header, state) = decode(&bytes, path)?;
+    let (header, state) = decode_with(&bytes, path, payload)?;
     Ok(LoadedState {
         path: path.to_path_buf(),
         header,

@@ -12,10 +12,11 @@ use super::SnapshotError;
 
 /// The first eight bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"EMBERSNP";
-/// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 added the kind of the memory file (full
+/// or diff) at the end of the microVM's state; version 1 files hold full memory files.
+pub const FORMAT_VERSION: u32 = 2;
 /// The format versions this build reads.
-pub const SUPPORTED_VERSIONS: &[u32] = &[FORMAT_VERSION];
+pub const SUPPORTED_VERSIONS: &[u32] = &[1, FORMAT_VERSION];
 /// Bytes before the payload: magic, version, memory file size, payload length.
 pub const HEADER_LEN: u64 = 28;
 /// Bytes after the payload: the CRC64.
@@ -68,6 +69,11 @@ impl Header {
             payload_len: u64_at(20),
         }
     }
+}
+
+/// The CRC-64/XZ of `bytes`, as the state file's checksum computes it.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    CRC64.checksum(bytes)
 }
 
 /// Serialises `state` into a complete state file image that records `mem_file_size`.
@@ -135,15 +141,34 @@ pub fn check_header(start: &[u8], file_len: u64, path: &Path) -> Result<Header, 
 
 /// Takes a whole state file image apart: header checks, then CRC, then version, then the
 /// payload, which must decode into a `T` with no bytes left over. `path` is only for
-/// messages.
+/// messages. For a state whose shape changed between format versions, see [`decode_with`].
 pub fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     path: &Path,
 ) -> Result<(Header, T), SnapshotError> {
+    decode_with(bytes, path, |_, payload| decode_exact(payload))
+}
+
+/// A payload that must decode into a `T` with no bytes left over.
+pub fn decode_exact<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    let (state, rest) = postcard::take_from_bytes::<T>(payload).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes left over after the state", rest.len()));
+    }
+    Ok(state)
+}
+
+/// [`decode`] with the payload handed to `payload` with its (supported) format version, for
+/// states that read older versions' shapes.
+pub fn decode_with<T>(
+    bytes: &[u8],
+    path: &Path,
+    payload: impl FnOnce(u32, &[u8]) -> Result<T, String>,
+) -> Result<(Header, T), SnapshotError> {
     let start = &bytes[..bytes.len().min(HEADER)];
     let header = check_header(start, bytes.len() as u64, path)?;
     // check_header saw exactly HEADER_LEN + payload + CRC_LEN bytes, so neither split fails.
-    let (Some((body, stored)), Some(payload)) = (
+    let (Some((body, stored)), Some(payload_bytes)) = (
         bytes.split_last_chunk::<CRC>(),
         bytes.get(HEADER..bytes.len() - CRC),
     ) else {
@@ -167,18 +192,10 @@ pub fn decode<T: DeserializeOwned>(
             found: header.version,
         });
     }
-    let decode_err = |reason: String| SnapshotError::Decode {
+    let state = payload(header.version, payload_bytes).map_err(|reason| SnapshotError::Decode {
         path: path.to_path_buf(),
         reason,
-    };
-    let (state, rest) =
-        postcard::take_from_bytes::<T>(payload).map_err(|e| decode_err(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(decode_err(format!(
-            "{} bytes left over after the state",
-            rest.len()
-        )));
-    }
+    })?;
     Ok((header, state))
 }
 

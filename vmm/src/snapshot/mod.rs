@@ -57,7 +57,14 @@
 //! alternative, is no longer maintained: its last release is a deliberate compile error.
 //! Because postcard is not self-describing, any change to the shape of a saved state (a field
 //! added, removed, reordered or retyped) must bump [`FORMAT_VERSION`]; the golden-bytes test
-//! in this module guards the envelope and the encoding against silent changes.
+//! in this module guards the envelope and the encoding against silent changes. A state whose
+//! shape changed keeps reading the older versions through [`load_state_with`], which hands
+//! the payload over with its version (see `persist::MicrovmState`).
+//!
+//! | version | change                                                                 |
+//! |---------|------------------------------------------------------------------------|
+//! | 1       | first format                                                           |
+//! | 2       | the microVM state ends with the memory file's kind: full, or diff      |
 //!
 //! The checksum is CRC-64/XZ (the ECMA-182 polynomial, reflected, as xz uses) from the `crc`
 //! crate. It is there to catch storage and copy corruption (bit flips, torn writes,
@@ -70,12 +77,12 @@ use std::io;
 use std::path::PathBuf;
 
 pub use file::{
-    check_memory_file, load_state, prepare_file, save_state, write_file_atomically, LoadedState,
-    PreparedFile,
+    check_memory_file, load_state, load_state_with, prepare_file, save_state,
+    write_file_atomically, LoadedState, PreparedFile,
 };
 pub use format::{
-    decode, encode, Header, CRC_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN,
-    SUPPORTED_VERSIONS,
+    checksum, decode, decode_exact, decode_with, encode, Header, CRC_LEN, FORMAT_VERSION,
+    HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN, SUPPORTED_VERSIONS,
 };
 
 /// Saving and restoring one stateful part of a microVM (a device, the VM, a vCPU, the whole

@@ -156,9 +156,9 @@ fn golden_bytes() {
     let payload = [
         0xef, 0xfd, 0xb6, 0xf5, 0x0d, 5, b'e', b'm', b'b', b'e', b'r',
     ];
-    assert_eq!(bytes, envelope(1, 0x1000, &payload));
+    assert_eq!(bytes, envelope(2, 0x1000, &payload));
     let crc: [u8; 8] = bytes[39..].try_into().expect("8 bytes");
-    assert_eq!(u64::from_le_bytes(crc), 0xb0eb_20a6_06b5_9b18);
+    assert_eq!(u64::from_le_bytes(crc), 0x7567_a873_364d_5e75);
     // The check value of CRC-64/XZ: the algorithm is the one the docs name.
     let xz = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
     assert_eq!(xz.checksum(b"123456789"), 0x995d_c9bb_df19_39fa);
@@ -313,7 +313,7 @@ fn other_format_versions_are_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("v.snap");
     let payload = postcard::to_allocvec(&small()).expect("serialise");
-    for version in [0, 2, 1 << 16, u32::MAX] {
+    for version in [0, 3, 1 << 16, u32::MAX] {
         write(&path, &envelope(version, MEM_SIZE, &payload));
         let err = load_small(&path).expect_err("wrong version");
         assert!(
@@ -326,13 +326,18 @@ fn other_format_versions_are_refused_by_name() {
             "{message}"
         );
         assert!(
-            message.contains("this Ember reads format version 1"),
+            message.contains("this Ember reads format versions 1, 2"),
             "{message}"
         );
         assert!(message.contains(&path.display().to_string()), "{message}");
     }
-    write(&path, &envelope(1, MEM_SIZE, &payload));
-    assert_eq!(load_small(&path).expect("version 1").state, small());
+    for version in [1, 2] {
+        write(&path, &envelope(version, MEM_SIZE, &payload));
+        assert_eq!(
+            load_small(&path).expect("a supported version").state,
+            small()
+        );
+    }
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! Opening `/dev/kvm`, checking what Ember needs of it, and creating the VM with its
 //! in-kernel interrupt controllers and PIT.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::vcpu::StateSupport;
 use crate::arch::x86_64::cpuid::EmulatedFeatures;
@@ -131,8 +132,18 @@ pub fn create_vm(kvm: Kvm) -> Result<KvmVm, KvmError> {
 }
 
 impl KvmVm {
-    /// Hands every guest memory region to KVM, one slot each.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    /// Hands every guest memory region to KVM, one slot each (slot `n` is region `n`), with
+    /// KVM's dirty page log on when `track_dirty`.
+    pub fn register_memory(
+        &self,
+        mem: &GuestMemoryMmap,
+        track_dirty: bool,
+    ) -> Result<(), KvmError> {
+        let flags = if track_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
             let host = mem.get_host_address(region.start_addr()).map_err(|_| {
@@ -146,7 +157,7 @@ impl KvmVm {
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags,
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the caller keeps
             // alive for as long as the VM exists (the Vmm holds both), and regions never

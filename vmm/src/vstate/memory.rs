@@ -7,16 +7,32 @@
 //! fault time instead of collapsing small pages later behind the guest's back. QEMU and Cloud
 //! Hypervisor do the same by default. `MADV_HUGEPAGE` is advice: where THP is off, the
 //! mapping simply stays on small pages.
+//!
+//! Dirty pages: with `track_dirty_pages` on, each region carries an [`AtomicBitmap`] (one
+//! bit per 4 KiB page) that vm-memory sets on every write the VMM makes through it (virtio
+//! devices filling buffers, used rings), since KVM's dirty log only sees the guest's own
+//! writes. Without tracking the bitmap is `None` and costs nothing. See [`super::dirty`].
 
 use std::fs::File;
 use std::io;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
+
+/// The VMM's record of the pages it wrote in one region: `Some` with dirty-page tracking.
+pub type DirtyBitmap = Option<AtomicBitmap>;
+/// Guest memory as Ember maps it: mmap regions, each with its [`DirtyBitmap`].
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<DirtyBitmap>;
+
+/// The page size of dirty-page tracking: KVM's dirty log has one bit per 4 KiB page.
+pub const PAGE_SIZE: usize = 4096;
 
 use crate::arch::x86_64::ram_ranges;
 
@@ -33,6 +49,32 @@ pub enum MemoryError {
     MapFile(String),
     #[error("cannot write guest memory to the memory file: {0}")]
     Dump(String),
+}
+
+/// A dirty bitmap for a region of `size` bytes: empty (all clean) when `track` is on.
+fn new_bitmap(size: usize, track: bool) -> DirtyBitmap {
+    const PAGE: NonZeroUsize = match NonZeroUsize::new(PAGE_SIZE) {
+        Some(page) => page,
+        None => panic!("the page size is not zero"),
+    };
+    track.then(|| AtomicBitmap::new(size, PAGE))
+}
+
+/// Anonymous guest memory at `ranges` (guest address, size), without dirty-page tracking;
+/// for tests and tools that need memory but no VM.
+pub fn anonymous(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    for &(base, size) in ranges {
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, None)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, base)
+            .ok_or_else(|| MemoryError::Region(format!("region at {base:?} overflows")))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(e.to_string()))
 }
 
 /// Huge page size on x86_64.
@@ -59,8 +101,12 @@ pub fn check_size(mem_size_mib: usize) -> Result<(), MemoryError> {
     }
 }
 
-/// Maps `mem_size_mib` of guest RAM. Pages are touched only when the guest uses them.
-pub fn create_guest_memory(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryError> {
+/// Maps `mem_size_mib` of guest RAM, with a dirty bitmap per region when `track_dirty`.
+/// Pages are touched only when the guest uses them.
+pub fn create_guest_memory(
+    mem_size_mib: usize,
+    track_dirty: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     check_size(mem_size_mib)?;
     let bytes = (mem_size_mib as u64) << 20;
     let mut regions = Vec::new();
@@ -69,11 +115,14 @@ pub fn create_guest_memory(mem_size_mib: usize) -> Result<GuestMemoryMmap, Memor
         let addr = map_aligned(size).map_err(|e| MemoryError::Map(mem_size_mib, e))?;
         // SAFETY: `addr..addr + size` is a fresh private anonymous mapping owned by this
         // process for its whole life (guest memory is never unmapped before exit).
-        let mapping = unsafe { MmapRegionBuilder::new(size).with_raw_mmap_pointer(addr) }
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        let mapping = unsafe {
+            MmapRegionBuilder::new_with_bitmap(size, new_bitmap(size, track_dirty))
+                .with_raw_mmap_pointer(addr)
+        }
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| MemoryError::Region(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Region(format!("region at {base:?} overflows")))?;
         regions.push(region);
@@ -108,14 +157,19 @@ pub fn dump(mem: &GuestMemoryMmap, file: &mut File) -> io::Result<()> {
 /// the file only when the guest touches them, and a guest write copies the page, so the file
 /// is never changed and every VM restored from it shares its unchanged pages through the page
 /// cache. `layout` is (guest address, size) per region, which lie back to back in the file;
-/// the caller has checked that they cover the file exactly.
-pub fn map_file_private(file: File, layout: &[(u64, u64)]) -> Result<GuestMemoryMmap, MemoryError> {
+/// the caller has checked that they cover the file exactly. With `track_dirty`, each region
+/// gets a dirty bitmap, clean: the file is the base the next diff snapshot builds on.
+pub fn map_file_private(
+    file: File,
+    layout: &[(u64, u64)],
+    track_dirty: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let file = Arc::new(file);
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for &(base, size) in layout {
         let len = usize::try_from(size).map_err(|e| MemoryError::MapFile(e.to_string()))?;
-        let mapping = MmapRegionBuilder::new(len)
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, new_bitmap(len, track_dirty))
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -168,7 +222,7 @@ mod tests {
 
     #[test]
     fn absurd_sizes_are_refused_before_mapping() {
-        let err = create_guest_memory(usize::MAX >> 21)
+        let err = create_guest_memory(usize::MAX >> 21, false)
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("machine-config.mem_size_mib:"), "{err}");
@@ -176,7 +230,7 @@ mod tests {
 
     #[test]
     fn memory_has_the_asked_size() {
-        let mem = create_guest_memory(64).unwrap();
+        let mem = create_guest_memory(64, false).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(
             mem.iter()
@@ -189,7 +243,7 @@ mod tests {
     #[test]
     fn a_dumped_memory_maps_back_privately() {
         use vm_memory::{Bytes, GuestAddress};
-        let mem = create_guest_memory(64).unwrap();
+        let mem = create_guest_memory(64, false).unwrap();
         let high = GuestAddress((64 << 20) - 8);
         mem.write_obj(0xfeed_u64, GuestAddress(0x2000)).unwrap();
         mem.write_obj(0xbeef_u64, high).unwrap();
@@ -198,7 +252,7 @@ mod tests {
         dump(&mem, &mut file).unwrap();
         drop(file);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 << 20);
-        let restored = map_file_private(File::open(&path).unwrap(), &layout(&mem)).unwrap();
+        let restored = map_file_private(File::open(&path).unwrap(), &layout(&mem), false).unwrap();
         assert_eq!(
             restored.read_obj::<u64>(GuestAddress(0x2000)).unwrap(),
             0xfeed
@@ -206,7 +260,7 @@ mod tests {
         assert_eq!(restored.read_obj::<u64>(high).unwrap(), 0xbeef);
         // Copy on write: the guest's writes never reach the file.
         restored.write_obj(1_u64, GuestAddress(0x2000)).unwrap();
-        let again = map_file_private(File::open(&path).unwrap(), &layout(&mem)).unwrap();
+        let again = map_file_private(File::open(&path).unwrap(), &layout(&mem), false).unwrap();
         assert_eq!(again.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0xfeed);
         std::fs::remove_file(&path).unwrap();
     }
@@ -214,7 +268,7 @@ mod tests {
     #[test]
     fn regions_are_2mib_aligned_and_writable() {
         use vm_memory::{Bytes, GuestAddress, GuestMemoryRegion};
-        let mem = create_guest_memory(4096).unwrap();
+        let mem = create_guest_memory(4096, false).unwrap();
         assert_eq!(mem.num_regions(), 2, "RAM below and above the MMIO gap");
         for region in mem.iter() {
             let host = region

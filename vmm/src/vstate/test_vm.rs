@@ -7,7 +7,8 @@
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::kvm::{create_vm, open_kvm, KvmVm};
@@ -38,8 +39,8 @@ impl TestVm {
 
     /// `vm` with [`TEST_MEMORY`] registered.
     pub fn from_vm(vm: KvmVm) -> Self {
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), TEST_MEMORY)]).unwrap();
-        vm.register_memory(&memory).unwrap();
+        let memory = crate::vstate::memory::anonymous(&[(GuestAddress(0), TEST_MEMORY)]).unwrap();
+        vm.register_memory(&memory, false).unwrap();
         let (stops, stopped) = channel();
         Self {
             vm,

@@ -70,6 +70,9 @@ pub struct MachineArgs {
     vcpus: Option<u8>,
     #[arg(long, value_name = "MIB")]
     mem: Option<usize>,
+    /// Track dirty pages, for Diff snapshots.
+    #[arg(long)]
+    track_dirty_pages: bool,
 }
 
 #[derive(Subcommand)]
@@ -139,8 +142,15 @@ pub enum LoggerCommand {
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
-    /// Write a full snapshot of the paused VM: its state to STATE, its memory to MEM.
-    Create { state: PathBuf, mem: PathBuf },
+    /// Write a snapshot of the paused VM: its state to STATE, its memory to MEM.
+    Create {
+        state: PathBuf,
+        mem: PathBuf,
+        /// A Diff snapshot: MEM holds only the pages written since the last snapshot (needs
+        /// track_dirty_pages); merge it onto that snapshot's memory file before loading.
+        #[arg(long)]
+        diff: bool,
+    },
     /// Load a snapshot into this ember, which must have nothing configured yet.
     Load {
         state: PathBuf,
@@ -148,6 +158,9 @@ pub enum SnapshotCommand {
         /// Let the vCPUs run once loaded (otherwise the VM is loaded paused).
         #[arg(long)]
         resume: bool,
+        /// Track dirty pages from here on, for Diff snapshots of the loaded VM.
+        #[arg(long)]
+        track_dirty_pages: bool,
         /// Put interface IFACE on host TAP device TAP (repeatable).
         #[arg(long = "tap", value_name = "IFACE=TAP")]
         taps: Vec<String>,
@@ -158,6 +171,39 @@ pub enum SnapshotCommand {
         #[arg(long, value_name = "N", requires = "vsock_uds")]
         vsock_cid: Option<u64>,
     },
+    /// Merge a Diff snapshot's memory file onto the memory file of the snapshot it follows,
+    /// in place; then load the diff's state file with BASE. Works on files: no --api needed.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The memory file of the snapshot the diff follows (changed in place).
+    #[arg(long, value_name = "BASE_MEM")]
+    base: PathBuf,
+    /// The Diff snapshot's memory file.
+    #[arg(long, value_name = "DIFF_MEM")]
+    diff: PathBuf,
+}
+
+/// `snapshot merge`: 0, or 1 after printing why not.
+pub fn merge(args: &MergeArgs) -> u8 {
+    match api::memfile::merge_diff(&args.base, &args.diff) {
+        Ok(stats) => {
+            println!(
+                "merged {} bytes in {} regions of {} onto {}",
+                stats.bytes,
+                stats.regions,
+                args.diff.display(),
+                args.base.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("emberctl: snapshot merge: {e}");
+            1
+        }
+    }
 }
 
 #[derive(Args)]
@@ -266,16 +312,20 @@ impl ApiCommand {
 }
 
 fn machine_call(a: &MachineArgs) -> Call {
+    let tracking = a.track_dirty_pages;
     match (a.vcpus, a.mem) {
-        (None, None) => get("/machine-config"),
+        (None, None) if !tracking => get("/machine-config"),
         (Some(vcpus), Some(mem)) => call(
             "PUT",
             "/machine-config",
-            json!({ "vcpu_count": vcpus, "mem_size_mib": mem }),
+            json!({ "vcpu_count": vcpus, "mem_size_mib": mem, "track_dirty_pages": tracking }),
             "machine config set",
         ),
         (vcpus, mem) => {
             let mut body = json!({});
+            if tracking {
+                body["track_dirty_pages"] = json!(true);
+            }
             if let Some(v) = vcpus {
                 body["vcpu_count"] = json!(v);
             }
@@ -318,16 +368,25 @@ fn drive_call(command: DriveCommand) -> Call {
 
 fn snapshot_call(command: SnapshotCommand) -> Result<Call, String> {
     Ok(match command {
-        SnapshotCommand::Create { state, mem } => call(
+        SnapshotCommand::Create { state, mem, diff } => call(
             "PUT",
             "/snapshot/create",
-            json!({ "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem }),
-            "snapshot created",
+            json!({ "snapshot_type": if diff { "Diff" } else { "Full" },
+                    "snapshot_path": state, "mem_file_path": mem }),
+            if diff {
+                "diff snapshot created"
+            } else {
+                "snapshot created"
+            },
         ),
+        SnapshotCommand::Merge(_) => {
+            return Err("snapshot merge works on files, not through the API socket".into())
+        }
         SnapshotCommand::Load {
             state,
             mem,
             resume,
+            track_dirty_pages,
             taps,
             vsock_uds,
             vsock_cid,
@@ -345,6 +404,7 @@ fn snapshot_call(command: SnapshotCommand) -> Result<Call, String> {
                 "snapshot_path": state,
                 "mem_backend": { "backend_type": "File", "backend_path": mem },
                 "resume_vm": resume,
+                "track_dirty_pages": track_dirty_pages,
             });
             if !overrides.is_empty() {
                 body["network_overrides"] = json!(overrides);

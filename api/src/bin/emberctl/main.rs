@@ -108,6 +108,9 @@ fn main() -> ExitCode {
         Command::Shutdown(args) => report(args.target.client().shutdown()),
         Command::Reboot(args) => report(args.target.client().reboot()),
         Command::Clone(args) => clone::run(&args, cli.json),
+        Command::Api(api_cmd::ApiCommand::Snapshot(api_cmd::SnapshotCommand::Merge(args))) => {
+            api_cmd::merge(&args)
+        }
         Command::Api(command) => {
             match &cli.api {
                 Some(socket) => api_cmd::run(socket, cli.json, command),
@@ -207,6 +210,15 @@ mod tests {
             &["metrics", "flush"],
             &["put", "/actions", r#"{"action_type":"InstanceStart"}"#],
             &["snapshot", "create", "s.state", "s.mem"],
+            &["snapshot", "create", "s.state", "d.mem", "--diff"],
+            &[
+                "snapshot",
+                "load",
+                "s.state",
+                "s.mem",
+                "--track-dirty-pages",
+            ],
+            &["machine-config", "--track-dirty-pages"],
             &[
                 "snapshot",
                 "load",
@@ -234,6 +246,23 @@ mod tests {
         .unwrap();
         assert!(cli.json);
         assert!(matches!(cli.command, Command::Clone(_)));
+    }
+
+    #[test]
+    fn snapshot_merge_needs_no_api_socket() {
+        let cli = Cli::try_parse_from([
+            "emberctl", "snapshot", "merge", "--base", "a.mem", "--diff", "b.mem",
+        ])
+        .unwrap();
+        assert!(cli.api.is_none());
+        assert!(matches!(
+            cli.command,
+            Command::Api(api_cmd::ApiCommand::Snapshot(
+                api_cmd::SnapshotCommand::Merge(_)
+            ))
+        ));
+        let missing = Cli::try_parse_from(["emberctl", "snapshot", "merge", "--base", "a.mem"]);
+        assert!(missing.is_err());
     }
 
     #[test]

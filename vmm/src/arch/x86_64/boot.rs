@@ -5,11 +5,12 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{ram_ranges, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START};
 
@@ -244,7 +245,7 @@ mod tests {
             .into_iter()
             .map(|(a, s)| (a, s as usize))
             .collect();
-        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+        crate::vstate::memory::anonymous(&ranges).unwrap()
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {

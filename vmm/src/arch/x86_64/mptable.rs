@@ -4,7 +4,8 @@
 //! Layout: floating pointer (16 bytes), then the configuration table header (44 bytes) and
 //! its entries: one per CPU, the ISA bus, the IOAPIC, one per IOAPIC pin, and LINT0/LINT1.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{APIC_START, EBDA_START, IOAPIC_START, LOW_MEM_END};
 
@@ -176,7 +177,7 @@ mod tests {
 
     #[test]
     fn written_table_is_found_in_the_ebda() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write(&mem, 2).unwrap();
         let mut magic = [0u8; 4];
         mem.read_slice(&mut magic, GuestAddress(EBDA_START))

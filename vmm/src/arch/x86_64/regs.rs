@@ -2,8 +2,9 @@
 //! identity-mapped first GiB, flat segments from a small GDT, %rsi pointing at the zero page.
 //! Also the local APIC's LINT0/LINT1 wiring that firmware would normally do.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{
     BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
@@ -179,7 +180,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_the_first_gib() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_structures(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4 & !0xfff, PDPTE_START);

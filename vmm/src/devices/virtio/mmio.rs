@@ -11,8 +11,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::lock;
@@ -335,7 +335,7 @@ mod tests {
         };
         let block = Arc::new(Mutex::new(Block::new(&spec).unwrap()));
         let mem =
-            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+            Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         Rig {
             transport: MmioTransport::new(block.clone(), mem, interrupt),

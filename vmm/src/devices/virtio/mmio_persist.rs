@@ -13,8 +13,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 use super::MmioTransport;
 use crate::devices::bus::lock;
@@ -201,7 +201,7 @@ mod tests {
         let spec = drive(name);
         let block = Arc::new(Mutex::new(Block::new(&spec).unwrap()));
         let mem =
-            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+            Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let transport = MmioTransport::new(block.clone(), mem.clone(), interrupt());
         Rig {
             transport,

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit of virtio 1.x ("modern") devices; Ember offers no legacy interface.
@@ -350,7 +351,7 @@ mod tests {
         use virtio_queue::mock::MockSplitQueue;
         use vm_memory::GuestAddress;
         let mem =
-            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+            Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), 0x10_0000)]).unwrap());
         let vq = MockSplitQueue::new(mem.as_ref(), 16);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut common = VirtioCommon::new(0, 1, 16).unwrap();

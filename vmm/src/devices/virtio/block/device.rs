@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::request::{Disk, Request, RequestError, ID_BYTES, SECTOR_SHIFT, S_IOERR, S_UNSUPP};
 use crate::devices::virtio::{
@@ -295,7 +295,7 @@ mod tests {
             flush_to_disk: true,
         };
         let mem =
-            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+            Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let mut block = Block::new(&spec).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         block.common.active = Some(Active {

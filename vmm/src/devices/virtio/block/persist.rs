@@ -151,10 +151,11 @@ mod tests {
     use crate::devices::virtio::persist::test_util::{args, queue_on};
     use crate::devices::virtio::VirtioDevice;
     use crate::snapshot::{decode, encode};
+    use crate::vstate::memory::GuestMemoryMmap;
     use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -182,7 +183,7 @@ mod tests {
     }
 
     fn memory() -> Arc<GuestMemoryMmap> {
-        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
+        Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
     }
 
     fn round_trip(state: &BlockState) -> BlockState {

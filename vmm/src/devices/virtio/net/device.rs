@@ -13,8 +13,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::devices::virtio::{
@@ -318,7 +319,7 @@ mod tests {
         };
         let mut net = Net::with_backend(&spec, ours).unwrap();
         let mem =
-            Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+            Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         net.common.active = Some(Active {
             mem: mem.clone(),

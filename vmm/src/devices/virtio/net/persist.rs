@@ -120,18 +120,19 @@ mod tests {
     use crate::devices::virtio::persist::test_util::{args, queue_on};
     use crate::devices::virtio::VirtioDevice;
     use crate::snapshot::{decode, encode};
+    use crate::vstate::memory::GuestMemoryMmap;
     use std::os::unix::net::UnixDatagram;
     use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     const F_WRITE: u16 = 2;
     const MEM_SIZE: usize = 0x40_0000;
     const MAC: [u8; 6] = [6, 0, 0xac, 0x10, 0, 2];
 
     fn memory() -> Arc<GuestMemoryMmap> {
-        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
+        Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
     }
 
     fn pair() -> (UnixDatagram, UnixDatagram) {

@@ -22,8 +22,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{Muxer, Watcher};
@@ -188,7 +189,7 @@ impl Vsock {
     /// Writes one packet into the buffer loaded last; returns the used length.
     fn write_rx(
         &mut self,
-        mem: &vm_memory::GuestMemoryMmap,
+        mem: &crate::vstate::memory::GuestMemoryMmap,
         header: &packet::Header,
         watcher: &mut dyn Watcher,
     ) -> u32 {

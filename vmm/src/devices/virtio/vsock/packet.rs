@@ -9,7 +9,8 @@
 //! names can be reset. A receive chain must be device-writable and inside guest memory, with
 //! room for the header. Chains longer than the ring are refused, which also ends loops.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{HOST_CID, QUEUE_SIZE};
 
@@ -391,7 +392,7 @@ mod tests {
     type Chain = Vec<(u64, u32, bool)>;
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+        crate::vstate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
     }
 
     fn header(op: u16, len: u32) -> Header {
