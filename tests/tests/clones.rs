@@ -24,7 +24,8 @@ use std::time::Duration;
 use api::agent::AgentClient;
 use serde_json::Value;
 use support::{
-    agent_after_restore, artifacts, boot_with_agent, counter, load_body, sh, wait_until, Ember,
+    agent_after_restore, artifacts, boot_with_agent, counter, load_body, sh, start_counter,
+    wait_until, Ember,
 };
 use testbed::GuestSpec;
 
@@ -44,10 +45,7 @@ fn three_snapshot_restore_cycles_in_a_row() {
     let uds = dir.join("v0.sock");
     let spec = GuestSpec::with_agent(&art, &root, &uds);
     let (mut vm, mut agent) = boot_with_agent(&dir, &spec, &uds);
-    sh(
-        &agent,
-        "setsid sh -c 'echo $$ > /tmp/loop.pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 &",
-    );
+    start_counter(&agent);
     // Port and MMIO I/O all the time (console output, block reads), so that the vCPUs are
     // paused right after such exits, whose instruction KVM finishes only on the next entry.
     sh(

@@ -10,189 +10,20 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use api::agent::{AgentClient, Exec};
-use api::client::{ApiClient, ApiResponse};
+use api::agent::AgentClient;
 use serde_json::{json, Value};
+use support::{
+    agent_after_restore, artifacts, boot_with_config, counter, emberctl_offline, load_body, sh,
+    start_counter, wait_until, Ember,
+};
 use testbed::{Artifacts, GuestSpec};
-
-/// An `ember --api-sock` process in `dir`, killed when dropped.
-struct Ember {
-    dir: PathBuf,
-    sock: PathBuf,
-    child: Option<Child>,
-    art: Artifacts,
-}
-
-/// The artifacts; an `EMBER_BIN` given when this test was built also holds inside the
-/// nested test bed, whose jobs start with a clean environment.
-fn artifacts() -> Artifacts {
-    if std::env::var_os("EMBER_BIN").is_none() {
-        if let Some(bin) = option_env!("EMBER_BIN") {
-            std::env::set_var("EMBER_BIN", bin);
-        }
-    }
-    Artifacts::locate().unwrap_or_else(|e| panic!("{e}"))
-}
-
-impl Ember {
-    fn spawn(dir: &Path, extra: &[&str]) -> Self {
-        fs::create_dir_all(dir).unwrap();
-        let art = artifacts();
-        let sock = dir.join("api.sock");
-        let child = Command::new(&art.ember)
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.join("vm.out")).unwrap())
-            .stderr(fs::File::create(dir.join("vm.err")).unwrap())
-            .spawn()
-            .unwrap();
-        let ember = Self {
-            dir: dir.to_path_buf(),
-            sock,
-            child: Some(child),
-            art,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ApiClient::new(&ember.sock)
-            .request("GET", "/", None)
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "no API socket\n{}", ember.logs());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        ember
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> ApiResponse {
-        let body = body.map(|b| b.to_string());
-        ApiClient::new(&self.sock)
-            .with_timeout(Duration::from_secs(600))
-            .request(method, path, body.as_deref())
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
-    }
-
-    /// Sends a request that must fail with 400; returns its fault message.
-    fn refused(&self, method: &str, path: &str, body: Value) -> String {
-        let r = self.call(method, path, Some(body));
-        assert_eq!(r.status, 400, "{method} {path}: {r:?}\n{}", self.logs());
-        r.fault_message()
-    }
-
-    fn state(&self) -> String {
-        let info: Value = serde_json::from_str(&self.call("GET", "/", None).body).unwrap();
-        info["state"].as_str().unwrap().to_string()
-    }
-
-    /// Runs `emberctl --api SOCK ARGS...`; (exit code, stdout, stderr).
-    fn emberctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(&self.art.emberctl)
-            .arg("--api")
-            .arg(&self.sock)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (
-            out.status.code().unwrap_or(-1),
-            text(&out.stdout),
-            text(&out.stderr),
-        )
-    }
-
-    /// The `Seccomp:` mode from /proc of each of Ember's threads.
-    fn seccomp_modes(&self) -> Vec<(String, String)> {
-        let pid = self.child.as_ref().unwrap().id();
-        let mut modes = Vec::new();
-        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            // A connection thread may end between the listing and the read.
-            let Ok(status) = fs::read_to_string(task.unwrap().path().join("status")) else {
-                continue;
-            };
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(|v| v.trim().to_string())
-                    .unwrap_or_default()
-            };
-            modes.push((field("Name:"), field("Seccomp:")));
-        }
-        modes
-    }
-
-    fn logs(&self) -> String {
-        let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-        format!(
-            "--- guest console ({})\n{}\n--- ember stderr\n{}",
-            self.dir.display(),
-            read("vm.out"),
-            read("vm.err")
-        )
-    }
-
-    /// Waits for ember to exit and returns its exit code.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take().unwrap();
-        testbed::wait_with_timeout(&mut child, timeout).and_then(|s| s.code())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Ember {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn sh(agent: &AgentClient, script: &str) -> String {
-    let out = agent.exec_output(&Exec::new(["sh", "-c", script])).unwrap();
-    assert_eq!(out.status.code, Some(0), "{script}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn counter(agent: &AgentClient) -> u64 {
-    sh(agent, "cat /tmp/count").trim().parse().unwrap()
-}
-
-/// Waits until `check` holds, polling.
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The agent after a restore: it announced itself only at boot, so ping until it answers
-/// (the guest's vsock transport was reset; its listener survives).
-fn agent_after_restore(uds: &Path, vm: &Ember) -> AgentClient {
-    let agent = AgentClient::vsock(uds).with_timeout(Duration::from_secs(120));
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        match agent.ping() {
-            Ok(_) => return agent,
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "the agent never answered after the restore: {e}\n{}",
-                vm.logs()
-            ),
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
 
 /// Boots a guest with the agent (tracking dirty pages when `track_dirty`), starts the
 /// counter and writes a file; returns the VM, its agent and the file's checksum.
@@ -206,24 +37,8 @@ fn boot_and_prepare(
     let spec = GuestSpec::with_agent(art, &root, &uds);
     let mut config: Value = serde_json::from_str(&spec.config_json()).unwrap();
     config["machine-config"]["track_dirty_pages"] = json!(track_dirty);
-    fs::write(dir.join("vm.json"), config.to_string()).unwrap();
-    let ready_uds = uds.clone();
-    let ready =
-        std::thread::spawn(move || api::agent::wait_ready(&ready_uds, Duration::from_secs(900)));
-    let config = dir.join("vm.json");
-    let vm = Ember::spawn(
-        &dir.join("first"),
-        &["--config-file", config.to_str().unwrap()],
-    );
-    ready
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e}\n{}", vm.logs()));
-    let agent = AgentClient::vsock(&uds).with_timeout(Duration::from_secs(300));
-    sh(
-        &agent,
-        "setsid sh -c 'echo $$ > /tmp/loop.pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 &",
-    );
+    let (vm, agent) = boot_with_config(dir, &config.to_string(), &uds);
+    start_counter(&agent);
     let sum = sh(
         &agent,
         "head -c 1000000 /dev/urandom > /tmp/data && md5sum /tmp/data",
@@ -247,29 +62,28 @@ fn damaged(state: &Path, name: &str, damage: impl FnOnce(&mut Vec<u8>)) -> PathB
     path
 }
 
-fn load_body(state: &Path, mem: &Path, uds: &Path) -> Value {
-    json!({
-        "snapshot_path": state,
-        "mem_backend": {"backend_type": "File", "backend_path": mem},
-        "resume_vm": true,
-        "vsock_override": {"uds_path": uds},
-    })
-}
-
 /// Damaged snapshots are refused before anything runs; the ember stays fresh.
 fn damaged_snapshots_are_refused(vm: &Ember, state: &Path, mem: &Path, uds: &Path) {
     let truncated = damaged(state, "truncated.state", |b| b.truncate(b.len() - 10));
-    let message = vm.refused("PUT", "/snapshot/load", load_body(&truncated, mem, uds));
+    let message = vm.refused(
+        "PUT",
+        "/snapshot/load",
+        load_body(&truncated, mem, uds, None),
+    );
     assert!(message.contains("is truncated"), "{message}");
     let flipped = damaged(state, "flipped.state", |b| {
         let middle = b.len() / 2;
         b[middle] ^= 0x10;
     });
-    let message = vm.refused("PUT", "/snapshot/load", load_body(&flipped, mem, uds));
+    let message = vm.refused("PUT", "/snapshot/load", load_body(&flipped, mem, uds, None));
     assert!(message.contains("is corrupt"), "{message}");
     let short_mem = mem.with_file_name("short.mem");
     fs::write(&short_mem, b"not a memory file").unwrap();
-    let message = vm.refused("PUT", "/snapshot/load", load_body(state, &short_mem, uds));
+    let message = vm.refused(
+        "PUT",
+        "/snapshot/load",
+        load_body(state, &short_mem, uds, None),
+    );
     assert!(message.contains("pass the memory file saved"), "{message}");
     assert_eq!(vm.state(), "Not started");
     assert!(!uds.exists(), "a refused load left its vsock socket behind");
@@ -327,7 +141,7 @@ fn a_restored_guest_goes_on_where_it_was() {
     ]);
     assert_eq!(code, 0, "{out}{err}\n{}", second.logs());
     assert_eq!(second.state(), "Running");
-    let again = second.refused("PUT", "/snapshot/load", load_body(&state, &mem, &uds));
+    let again = second.refused("PUT", "/snapshot/load", load_body(&state, &mem, &uds, None));
     assert!(again.contains("fresh ember process"), "{again}");
 
     // Restored before the filters went on: every thread runs filtered, as after a boot.
@@ -336,7 +150,7 @@ fn a_restored_guest_goes_on_where_it_was() {
         modes.iter().any(|(n, _)| n == "ember_vcpu0") && modes.iter().all(|(_, m)| m == "2"),
         "{modes:?}"
     );
-    let agent = agent_after_restore(&uds, &second);
+    let agent = agent_after_restore(&uds, || second.logs());
     let after = counter(&agent);
     assert!(
         after >= before,
@@ -419,7 +233,7 @@ fn a_full_disk_leaves_the_vm_paused_and_resumable(vm: &Ember, agent: &AgentClien
 fn loading_paused_keeps_the_guest_still(dir: &Path, state: &Path, mem: &Path) {
     let mut paused = Ember::spawn(&dir.join("paused"), &[]);
     let uds = dir.join("v-paused.sock");
-    let mut body = load_body(state, mem, &uds);
+    let mut body = load_body(state, mem, &uds, None);
     body["resume_vm"] = json!(false);
     body.as_object_mut().unwrap().remove("mem_backend");
     body["mem_file_path"] = json!(mem);
@@ -431,17 +245,6 @@ fn loading_paused_keeps_the_guest_still(dir: &Path, state: &Path, mem: &Path) {
     let agent = AgentClient::vsock(&uds).with_timeout(Duration::from_secs(5));
     assert!(agent.ping().is_err(), "a paused guest answered");
     paused.kill();
-}
-
-/// Runs `emberctl ARGS...` without an API socket; (exit code, stdout, stderr).
-fn emberctl_offline(art: &Artifacts, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(&art.emberctl).args(args).output().unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (
-        out.status.code().unwrap_or(-1),
-        text(&out.stdout),
-        text(&out.stderr),
-    )
 }
 
 /// The first offset where files `a` and `b` differ, if any (sizes included).
@@ -543,7 +346,7 @@ fn a_merged_diff_is_the_full_memory() {
     let message = fresh.refused(
         "PUT",
         "/snapshot/load",
-        load_body(&path("b.state"), &path("b.mem"), &uds),
+        load_body(&path("b.state"), &path("b.mem"), &uds, None),
     );
     assert!(
         message.contains("is a Diff snapshot") && message.contains("emberctl snapshot merge"),
@@ -587,11 +390,11 @@ fn a_merged_diff_is_the_full_memory() {
     assert!(err.contains("not snapshots of the same VM"), "{err}");
 
     let mut second = Ember::spawn(&dir.join("merged"), &[]);
-    let mut body = load_body(&path("b.state"), &merged, &uds);
+    let mut body = load_body(&path("b.state"), &merged, &uds, None);
     body["track_dirty_pages"] = json!(true);
     let r = second.call("PUT", "/snapshot/load", Some(body));
     assert_eq!(r.status, 204, "{r:?}\n{}", second.logs());
-    let agent = agent_after_restore(&uds, &second);
+    let agent = agent_after_restore(&uds, || second.logs());
     assert_eq!(sh(&agent, "md5sum /tmp/data"), sum);
     assert_eq!(sh(&agent, "md5sum /tmp/more"), more);
     let after = counter(&agent);

@@ -1,8 +1,7 @@
-//! What the snapshot-chain and clone tests share: an `ember --api-sock` process in its own
-//! directory, the agent after a restore, and a booted guest with the agent. (The same as
-//! snapshot.rs's helpers, which can move here once both branches are merged.)
+//! What the snapshot, snapshot-chain and clone tests share: an `ember --api-sock` process in
+//! its own directory, `emberctl`, the agent after a restore, and a booted guest with the agent.
 
-#![allow(dead_code)] // each test binary uses its own part
+#![allow(dead_code)] // each test binary (snapshot.rs, clones.rs) uses a different part of it
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -30,13 +29,15 @@ pub struct Ember {
     pub dir: PathBuf,
     pub sock: PathBuf,
     child: Option<Child>,
+    art: Artifacts,
 }
 
 impl Ember {
     pub fn spawn(dir: &Path, extra: &[&str]) -> Self {
         fs::create_dir_all(dir).unwrap();
+        let art = artifacts();
         let sock = dir.join("api.sock");
-        let child = Command::new(&artifacts().ember)
+        let child = Command::new(&art.ember)
             .arg("--api-sock")
             .arg(&sock)
             .args(extra)
@@ -49,6 +50,7 @@ impl Ember {
             dir: dir.to_path_buf(),
             sock,
             child: Some(child),
+            art,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while ApiClient::new(&ember.sock)
@@ -75,9 +77,45 @@ impl Ember {
         assert!(r.is_success(), "{method} {path}: {r:?}\n{}", self.logs());
     }
 
+    /// Sends a request that must fail with 400; returns its fault message.
+    pub fn refused(&self, method: &str, path: &str, body: Value) -> String {
+        let r = self.call(method, path, Some(body));
+        assert_eq!(r.status, 400, "{method} {path}: {r:?}\n{}", self.logs());
+        r.fault_message()
+    }
+
     pub fn state(&self) -> String {
         let info: Value = serde_json::from_str(&self.call("GET", "/", None).body).unwrap();
         info["state"].as_str().unwrap().to_string()
+    }
+
+    /// Runs `emberctl --api SOCK ARGS...`; (exit code, stdout, stderr).
+    pub fn emberctl(&self, args: &[&str]) -> (i32, String, String) {
+        run(Command::new(&self.art.emberctl)
+            .arg("--api")
+            .arg(&self.sock)
+            .args(args))
+    }
+
+    /// The `Seccomp:` mode from /proc of each of Ember's threads.
+    pub fn seccomp_modes(&self) -> Vec<(String, String)> {
+        let pid = self.child.as_ref().unwrap().id();
+        let mut modes = Vec::new();
+        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            // A connection thread may end between the listing and the read.
+            let Ok(status) = fs::read_to_string(task.unwrap().path().join("status")) else {
+                continue;
+            };
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            modes.push((field("Name:"), field("Seccomp:")));
+        }
+        modes
     }
 
     /// Pauses the VM and writes a full snapshot to `state` and `mem`.
@@ -100,6 +138,12 @@ impl Ember {
         )
     }
 
+    /// Waits for ember to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        testbed::wait_with_timeout(&mut child, timeout).and_then(|s| s.code())
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -112,6 +156,22 @@ impl Drop for Ember {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs `emberctl ARGS...` without an API socket; (exit code, stdout, stderr).
+pub fn emberctl_offline(art: &Artifacts, args: &[&str]) -> (i32, String, String) {
+    run(Command::new(&art.emberctl).args(args))
+}
+
+/// Runs `command` to its end; (exit code, stdout, stderr).
+fn run(command: &mut Command) -> (i32, String, String) {
+    let out = command.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
 }
 
 /// The body of a `PUT /snapshot/load` that resumes with a new vsock socket (and CID).
@@ -133,6 +193,15 @@ pub fn sh(agent: &AgentClient, script: &str) -> String {
     let out = agent.exec_output(&Exec::new(["sh", "-c", script])).unwrap();
     assert_eq!(out.status.code, Some(0), "{script}: {out:?}");
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Starts the guest's counting process: it writes its pid to /tmp/loop.pid, then a number one
+/// higher to /tmp/count every tenth of a second.
+pub fn start_counter(agent: &AgentClient) {
+    sh(
+        agent,
+        "setsid sh -c 'echo $$ > /tmp/loop.pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 &",
+    );
 }
 
 /// The guest's counting process's last value.
@@ -175,8 +244,14 @@ pub fn agent_after_restore(uds: &Path, logs: impl Fn() -> String) -> AgentClient
 /// Boots `spec` (which serves the agent at `uds`) in an ember in `dir/first`; returns the
 /// VM and its agent once ready.
 pub fn boot_with_agent(dir: &Path, spec: &GuestSpec, uds: &Path) -> (Ember, AgentClient) {
+    boot_with_config(dir, &spec.config_json(), uds)
+}
+
+/// Boots the VM configuration `config_json` (whose guest serves the agent at `uds`) in an
+/// ember in `dir/first`; returns the VM and its agent once ready.
+pub fn boot_with_config(dir: &Path, config_json: &str, uds: &Path) -> (Ember, AgentClient) {
     let config = dir.join("vm.json");
-    fs::write(&config, spec.config_json()).unwrap();
+    fs::write(&config, config_json).unwrap();
     let ready_uds = uds.to_path_buf();
     let ready =
         std::thread::spawn(move || api::agent::wait_ready(&ready_uds, Duration::from_secs(900)));
