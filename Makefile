@@ -5,7 +5,7 @@
 CARGO ?= cargo
 TESTBED := target/release/ember-testbed
 
-.PHONY: all deps build run test lint unit bench rootfs-debian clean
+.PHONY: all deps build run test lint unit bench fuzz-smoke rootfs-debian clean
 
 all: build
 
@@ -29,6 +29,13 @@ lint:
 # Everything: lint, unit tests, and the integration tests that boot real guests.
 test: build lint
 	$(CARGO) test --release --workspace
+
+# Every fuzz target for FUZZ_SECONDS each from the committed seeds (stable toolchain with
+# RUSTC_BOOTSTRAP=1, see fuzz/smoke.sh); installs cargo-fuzz if it is missing.
+FUZZ_SECONDS ?= 20
+fuzz-smoke: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --quiet
+	./fuzz/smoke.sh $(FUZZ_SECONDS)
 
 bench: build
 	target/release/ember-bench boot --runs 10 --json target/bench/boot.json

@@ -200,7 +200,9 @@ pub fn sh(agent: &AgentClient, script: &str) -> String {
 pub fn start_counter(agent: &AgentClient) {
     sh(
         agent,
-        "setsid sh -c 'echo $$ > /tmp/loop.pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 &",
+        // Each value is written aside and renamed into place, so a reader never sees the
+        // file truncated and not yet rewritten.
+        "setsid sh -c 'echo $$ > /tmp/loop.pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 &",
     );
 }
 
