@@ -341,11 +341,6 @@ impl Vmm {
         Self::restore(&loaded, mem_file, &overrides, options, console, track_dirty)
     }
 
-    /// The machine configuration this VM runs with.
-    pub fn machine_config(&self) -> MachineConfig {
-        self.machine.clone()
-    }
-
     /// What this VM really has, as `GET /vm/config` reports it after a snapshot load:
     /// its machine configuration (dirty page tracking as loaded) and its devices as they
     /// are now, overrides applied; no boot source, since it did not boot from a kernel.
