@@ -14,6 +14,7 @@ mod api;
 mod boot;
 mod devices;
 mod snapshot;
+mod snapshot_diff;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -56,7 +57,8 @@ enum Bench {
     Api(ApiArgs),
     /// Full snapshot create per guest size; restore into a fresh ember to the agent's first
     /// answer against a cold boot to the same point; `emberctl clone` of N guests: wall
-    /// time and private memory per clone.
+    /// time and private memory per clone; with dirty page tracking, Diff create time and
+    /// diff file size against a Full create of the same guest.
     Snapshot(SnapshotArgs),
 }
 
@@ -469,9 +471,31 @@ fn snapshot_bench(
         row("per clone: PSS (MiB)".into(), &c.pss_mib);
         row("per clone: RSS (MiB)".into(), &c.rss_mib);
     }
+    let d = &r.diff;
+    println!(
+        "Diff after the guest wrote {} MiB, {} MiB guest tracking dirty pages:",
+        d.dirtied_mib, d.mem_mib
+    );
+    row("  create Full, the base (ms)".into(), &d.full_create_ms);
+    row("  create Diff (ms)".into(), &d.diff_create_ms);
+    row(
+        "  diff file allocated (MiB)".into(),
+        &d.diff_file_allocated_mib,
+    );
+    row(
+        "  diff file / guest memory (%)".into(),
+        &d.diff_file_fraction_of_memory.scaled(100.0),
+    );
+    row(
+        "  Diff / Full create, per run (x)".into(),
+        &d.diff_over_full_create,
+    );
     Ok(json!({
         "benchmark": "snapshot",
-        "metric": "ms to create a Full snapshot, to load one, and from ember process start to                    the agent's first answer (restore vs cold boot); clones: wall ms and MiB                    per clone from smaps_rollup",
+        "metric": "ms to create a Full snapshot, to load one, and from ember process start to \
+                    the agent's first answer (restore vs cold boot); clones: wall ms and MiB \
+                    per clone from smaps_rollup; diff: Full vs Diff create ms of a tracking guest \
+                    after it wrote 10 MiB, the diff file's allocated MiB",
         "environment": environment(),
         "runs": args.runs,
         "results": r,
@@ -530,7 +554,9 @@ fn rerun_nested(cli: &Cli) -> Result<(), String> {
             // The largest guest, and the clones' private pages beside the shared snapshot.
             let largest = a.sizes.iter().copied().max().unwrap_or(0);
             let mem = 2048 + largest + 48 * a.clones as u32;
-            let minutes = 10 + 4 * (a.runs * a.sizes.len()) as u64 + a.clones as u64 / 2;
+            // Each size's creates and restores, the Diff case's cycles, and the clones.
+            let minutes =
+                10 + 4 * (a.runs * a.sizes.len()) as u64 + 2 * a.runs as u64 + a.clones as u64 / 2;
             (c, "bench-snapshot", mem, minutes)
         }
     };

@@ -1,7 +1,8 @@
 //! Snapshots: full snapshot create for guests of each size, restore into a fresh ember to
 //! the agent's first answer against a cold boot of the same guest to the same point
 //! (alternating runs), and `emberctl clone` of N guests: wall time until every clone's
-//! agent answers, and each clone's private memory and PSS from `/proc/PID/smaps_rollup`.
+//! agent answers, and each clone's private memory and PSS from `/proc/PID/smaps_rollup`;
+//! then the Diff case ([`crate::snapshot_diff`]) on the smallest guest.
 //!
 //! Every guest boots from the same read-only root image with the agent on vsock, so a
 //! restored guest and a cold-booted one reach the same state by different roads. "Agent
@@ -20,10 +21,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use testbed::{Artifacts, GuestSpec};
 
+use crate::snapshot_diff::{self, DiffResults};
 use crate::stats::Summary;
 
 /// How long one VM may take to any milestone (the nested test bed is slow).
-const LIMIT: Duration = Duration::from_secs(600);
+pub(crate) const LIMIT: Duration = Duration::from_secs(600);
 
 /// What the benchmark measured.
 #[derive(Debug, Serialize)]
@@ -38,6 +40,8 @@ pub struct SnapshotResults {
     pub cold_boot_to_agent_ms: Summary,
     pub cold_boot_mem_mib: u32,
     pub clones: Option<CloneResults>,
+    /// The smallest guest with dirty page tracking: Full vs Diff snapshot create.
+    pub diff: DiffResults,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,6 +120,7 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<SnapshotResults,
         }
         _ => None,
     };
+    let diff = snapshot_diff::run(plan.runs, smallest, art, &root, work)?;
     Ok(SnapshotResults {
         create_ms,
         restore_to_agent_ms,
@@ -123,6 +128,7 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<SnapshotResults,
         cold_boot_to_agent_ms: Summary::of(&cold).ok_or("no cold boots")?,
         cold_boot_mem_mib: smallest,
         clones,
+        diff,
     })
 }
 
@@ -141,7 +147,7 @@ struct SnapshotFiles {
 }
 
 /// The benchmark guest: the agent on vsock at `uds`, the shared root read-only.
-fn guest(art: &Artifacts, root: &Path, mem_mib: u32, uds: &Path) -> GuestSpec {
+pub(crate) fn guest(art: &Artifacts, root: &Path, mem_mib: u32, uds: &Path) -> GuestSpec {
     let mut spec = GuestSpec::with_agent(art, root, uds);
     spec.drives = vec![testbed::drive("rootfs", root, true, true)];
     spec.mem_mib = mem_mib;
@@ -169,7 +175,7 @@ fn create_runs(
         .arg(&api_sock)
         .arg("--config-file")
         .arg(&config);
-    let vm = Vm::spawn(cmd, &dir)?;
+    let mut vm = Vm::spawn(cmd, &dir)?;
     api::agent::wait_ready(&uds, LIMIT).map_err(|e| format!("{e}{}", vm.logs()))?;
     let files = SnapshotFiles {
         state: dir.join("vm.state"),
@@ -195,11 +201,12 @@ fn create_runs(
         samples.push(ms);
         request(&api_sock, "PATCH", "/vm", json!({"state": "Resumed"}))?;
     }
+    vm.shut_down(&uds)?;
     Ok((samples, files))
 }
 
 /// Lets the guest run on for a while, then checks that its agent answers.
-fn settle(uds: &Path, vm: &Vm) -> Result<(), String> {
+pub(crate) fn settle(uds: &Path, vm: &Vm) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs(5));
     AgentClient::vsock(uds)
         .with_timeout(LIMIT)
@@ -230,7 +237,9 @@ fn restore_once(art: &Artifacts, files: &SnapshotFiles, work: &Path) -> Result<(
     )?;
     let load_ms = t.elapsed().as_secs_f64() * 1000.0;
     first_ping(&uds, &mut vm)?;
-    Ok((start.elapsed().as_secs_f64() * 1000.0, load_ms))
+    let to_agent_ms = start.elapsed().as_secs_f64() * 1000.0;
+    vm.shut_down(&uds)?;
+    Ok((to_agent_ms, load_ms))
 }
 
 /// One cold boot of the same guest to the agent's first answer, ms.
@@ -249,6 +258,7 @@ fn cold_boot(art: &Artifacts, root: &Path, mem_mib: u32, work: &Path) -> Result<
     first_ping(&uds, &mut vm)?;
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     eprintln!("cold boot {mem_mib} MiB: {ms:.1} ms to agent");
+    vm.shut_down(&uds)?;
     Ok(ms)
 }
 
@@ -358,14 +368,15 @@ fn parse_rollup(text: &str) -> Option<Rollup> {
     })
 }
 
-/// A VMM process with its console and log in `dir`, killed when dropped.
-struct Vm {
+/// A VMM process with its console and log in `dir`. Ended through its guest's agent
+/// ([`Vm::shut_down`]); killed when dropped only if a measurement failed first.
+pub(crate) struct Vm {
     child: Child,
     dir: PathBuf,
 }
 
 impl Vm {
-    fn spawn(mut cmd: Command, dir: &Path) -> Result<Self, String> {
+    pub(crate) fn spawn(mut cmd: Command, dir: &Path) -> Result<Self, String> {
         let file = |name: &str| {
             fs::File::create(dir.join(name)).map_err(|e| format!("cannot create {name}: {e}"))
         };
@@ -381,13 +392,36 @@ impl Vm {
         })
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
         format!(
             "\n--- console\n{}\n--- ember\n{}",
             read("console.log"),
             read("ember.log")
         )
+    }
+}
+
+impl Vm {
+    /// Ends the guest the way it would end itself: the agent at `uds` powers it off and
+    /// ember exits. Killing a VMM whose guest runs was followed by hung level-1 VMs in the
+    /// nested test bed.
+    pub(crate) fn shut_down(&mut self, uds: &Path) -> Result<(), String> {
+        AgentClient::vsock(uds)
+            .with_timeout(LIMIT)
+            .shutdown()
+            .map_err(|e| format!("shutdown through the agent at {}: {e}", uds.display()))?;
+        match testbed::wait_with_timeout(&mut self.child, Duration::from_secs(120)) {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => Err(format!(
+                "ember ended with {status} after the shutdown{}",
+                self.logs()
+            )),
+            None => Err(format!(
+                "ember did not exit after the shutdown{}",
+                self.logs()
+            )),
+        }
     }
 }
 
@@ -444,7 +478,7 @@ fn ping_until(uds: &Path, mut exited: impl FnMut() -> bool) -> Result<(), String
     }
 }
 
-fn request(socket: &Path, method: &str, path: &str, body: Value) -> Result<(), String> {
+pub(crate) fn request(socket: &Path, method: &str, path: &str, body: Value) -> Result<(), String> {
     let answer = ApiClient::new(socket)
         .with_timeout(LIMIT)
         .request(method, path, Some(&body.to_string()))

@@ -26,6 +26,19 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// The same figures in another unit: every sample times `factor` (positive).
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            samples: self.samples.iter().map(|v| v * factor).collect(),
+            median: self.median * factor,
+            p90: self.p90 * factor,
+            min: self.min * factor,
+            max: self.max * factor,
+        }
+    }
+}
+
 /// The samples in ascending order, for [`median`] and [`percentile`].
 pub fn sorted(samples: &[f64]) -> Vec<f64> {
     let mut sorted = samples.to_vec();
@@ -55,6 +68,14 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scaling_changes_the_unit_only() {
+        let s = Summary::of(&[0.5, 0.25, 0.75]).unwrap().scaled(100.0);
+        assert_eq!(s.samples, [50.0, 25.0, 75.0]);
+        assert_eq!((s.median, s.min, s.max), (50.0, 25.0, 75.0));
+        assert_eq!(s.p90, 75.0);
+    }
 
     #[test]
     fn median_and_p90() {

@@ -242,6 +242,9 @@ fn loading_paused_keeps_the_guest_still(dir: &Path, state: &Path, mem: &Path) {
     assert_eq!(paused.state(), "Paused");
     let config: Value = serde_json::from_str(&paused.call("GET", "/vm/config", None).body).unwrap();
     assert_eq!(config["machine-config"]["mem_size_mib"], 128, "{config}");
+    // The restored devices, the vsock socket at its override; no boot source.
+    assert_eq!(config["vsock"]["uds_path"], json!(uds), "{config}");
+    assert!(config.get("boot-source").is_none(), "{config}");
     let agent = AgentClient::vsock(&uds).with_timeout(Duration::from_secs(5));
     assert!(agent.ping().is_err(), "a paused guest answered");
     paused.kill();

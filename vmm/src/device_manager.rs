@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::vstate::memory::GuestMemoryMmap;
+use api::models::{CacheType, Drive, NetworkInterface, VsockConfig};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
@@ -207,6 +208,63 @@ pub struct DeviceOverrides {
     pub vsock_guest_cid: Option<u64>,
 }
 
+/// The devices as the API describes them (`GET /vm/config`): what a VM restored from a
+/// snapshot really has, overrides applied, in placement order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub drives: Vec<Drive>,
+    pub network_interfaces: Vec<NetworkInterface>,
+    pub vsock: Option<VsockConfig>,
+}
+
+impl DeviceConfig {
+    /// Describes devices from their states. A snapshot does not record which drive was the
+    /// root device nor its partuuid (they only shaped the kernel command line of a boot that
+    /// is over), so every drive reads as not the root device, without a partuuid.
+    pub fn from_states<'a>(states: impl IntoIterator<Item = &'a VirtioDeviceState>) -> Self {
+        let mut config = Self::default();
+        for state in states {
+            match state {
+                VirtioDeviceState::Block(s) => config.drives.push(Drive {
+                    drive_id: s.drive_id.clone(),
+                    path_on_host: s.path.clone(),
+                    is_root_device: false,
+                    is_read_only: s.read_only,
+                    partuuid: None,
+                    cache_type: match s.flush_to_disk {
+                        true => CacheType::Writeback,
+                        false => CacheType::Unsafe,
+                    },
+                    io_engine: None,
+                    rate_limiter: None,
+                    socket: None,
+                }),
+                VirtioDeviceState::Net(s) => config.network_interfaces.push(NetworkInterface {
+                    iface_id: s.iface_id.clone(),
+                    host_dev_name: s.host_dev_name.clone(),
+                    guest_mac: s.guest_mac.map(|mac| format_mac(&mac)),
+                    rx_rate_limiter: None,
+                    tx_rate_limiter: None,
+                }),
+                VirtioDeviceState::Vsock(s) => {
+                    config.vsock = Some(VsockConfig {
+                        vsock_id: None,
+                        guest_cid: s.guest_cid,
+                        uds_path: s.uds_path.clone(),
+                    });
+                }
+            }
+        }
+        config
+    }
+}
+
+/// A MAC address as the API writes it: `06:00:ac:10:00:02`.
+fn format_mac(mac: &[u8; 6]) -> String {
+    let bytes: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    bytes.join(":")
+}
+
 /// Why devices could not be saved or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceStateError {
@@ -358,6 +416,18 @@ impl MmioDeviceManager {
                 })
             })
             .collect()
+    }
+
+    /// The placed devices as the API describes them, as they are now (a restored device
+    /// with its overrides applied). Reads each device's state under its lock; changes
+    /// nothing.
+    pub fn config(&self) -> Result<DeviceConfig, DeviceStateError> {
+        let states = self
+            .placed
+            .iter()
+            .map(|p| p.device.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DeviceConfig::from_states(&states))
     }
 
     /// Rebuilds saved devices on `buses` and `vm`, each at its saved window and IRQ, with
@@ -851,6 +921,54 @@ mod tests {
         );
         (v.guest_cid, v.uds_path) = (3, dir.join("v.sock"));
         assert_eq!(again, saved);
+        // The API sees the restored devices with the overrides applied.
+        let config = restored.config().unwrap();
+        let drives: Vec<&str> = config.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(drives, ["root", "data"]);
+        assert_eq!(config.drives[0].path_on_host, dir.join("root.img"));
+        let vsock = config.vsock.unwrap();
+        assert_eq!(
+            (vsock.guest_cid, vsock.uds_path),
+            (7, dir.join("clone.sock"))
+        );
+    }
+
+    #[test]
+    fn device_config_describes_each_state_as_the_api_does() {
+        let dir = temp("config");
+        let mut list = saved_list(&dir);
+        let VirtioDeviceState::Block(drive) = &mut list[0].device else {
+            panic!("the drive is first");
+        };
+        (drive.read_only, drive.flush_to_disk) = (true, true);
+        // A restored interface reports the TAP it opened, not the one saved.
+        let VirtioDeviceState::Net(saved_net) = &list[1].device else {
+            panic!("the interface is second");
+        };
+        let (backend, _peer) = UnixDatagram::pair().unwrap();
+        let virtio = VirtioArgs {
+            mem: memory(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+        };
+        let mut net_state = Net::restore_with_backend(saved_net, "tap9".into(), backend, virtio)
+            .unwrap()
+            .save_state();
+        net_state.guest_mac = Some([0x06, 0, 0xac, 0x10, 0, 0x02]);
+        list[1].device = VirtioDeviceState::Net(net_state);
+
+        let config = DeviceConfig::from_states(list.iter().map(|s| &s.device));
+        let drive = &config.drives[0];
+        assert_eq!(drive.drive_id, "root");
+        assert_eq!(drive.path_on_host, dir.join("root.img"));
+        assert!(drive.is_read_only && !drive.is_root_device);
+        assert_eq!(drive.cache_type, CacheType::Writeback);
+        let net = &config.network_interfaces[0];
+        assert_eq!(net.iface_id, "eth0");
+        assert_eq!(net.host_dev_name, "tap9");
+        assert_eq!(net.guest_mac.as_deref(), Some("06:00:ac:10:00:02"));
+        let vsock = config.vsock.unwrap();
+        assert_eq!((vsock.guest_cid, vsock.uds_path), (3, dir.join("v.sock")));
+        assert_eq!(DeviceConfig::from_states([]), DeviceConfig::default());
     }
 
     #[test]

@@ -228,6 +228,8 @@ fn launcher(options: VmmOptions, wake: Option<EventFd>) -> Launcher<Vmm> {
 fn restorer(options: VmmOptions, wake: Option<EventFd>) -> Restorer<Vmm> {
     Box::new(move |params| {
         let mut vmm = Vmm::load_snapshot(params, options, Box::new(std::io::stdout()))?;
+        // Described before the vCPUs run: the devices as restored, overrides applied.
+        let config = vmm.restored_config()?;
         if let Some(wake) = &wake {
             let wake = wake
                 .try_clone()
@@ -239,7 +241,6 @@ fn restorer(options: VmmOptions, wake: Option<EventFd>) -> Restorer<Vmm> {
         } else {
             vmm.start_paused()?;
         }
-        let machine = vmm.machine_config();
-        Ok((vmm, machine))
+        Ok((vmm, config))
     })
 }

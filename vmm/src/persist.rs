@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
-use api::models::{MachineConfig, MAX_VCPUS};
+use api::models::{MachineConfig, VmConfig, MAX_VCPUS};
 use api::requests::{SnapshotLoadParams, SnapshotType};
 use event_manager::{EventManager, SubscriberOps};
 use serde::{Deserialize, Serialize};
@@ -176,6 +176,8 @@ pub enum PersistError {
     RestoreDevices(DeviceStateError),
     #[error("cannot restore the legacy devices: {0}")]
     RestoreLegacy(String),
+    #[error("cannot describe the restored devices for GET /vm/config: {0}")]
+    DescribeDevices(DeviceStateError),
     #[error("cannot restore the vCPUs: {0}")]
     RestoreVcpu(VcpuStateError),
     #[error("a Diff snapshot needs dirty page tracking; enable track_dirty_pages in PUT /machine-config before boot, or in PUT /snapshot/load, or take a Full snapshot")]
@@ -339,9 +341,18 @@ impl Vmm {
         Self::restore(&loaded, mem_file, &overrides, options, console, track_dirty)
     }
 
-    /// The machine configuration this VM runs with.
-    pub fn machine_config(&self) -> MachineConfig {
-        self.machine.clone()
+    /// What this VM really has, as `GET /vm/config` reports it after a snapshot load:
+    /// its machine configuration (dirty page tracking as loaded) and its devices as they
+    /// are now, overrides applied; no boot source, since it did not boot from a kernel.
+    pub fn restored_config(&self) -> Result<VmConfig, VmmError> {
+        let devices = self.mmio.config().map_err(PersistError::DescribeDevices)?;
+        Ok(VmConfig {
+            machine_config: self.machine.clone(),
+            drives: devices.drives,
+            network_interfaces: devices.network_interfaces,
+            vsock: devices.vsock,
+            ..VmConfig::default()
+        })
     }
 
     /// Builds a VM from a loaded snapshot and its checked memory file (see the module docs),

@@ -61,8 +61,9 @@ pub trait Machine {
 pub type Launcher<M> = Box<dyn FnMut(&VmConfig) -> Result<M, VmmError>>;
 
 /// Builds a VM from a snapshot and starts it, running or paused per `resume_vm`; returns it
-/// with the machine configuration it was saved with.
-pub type Restorer<M> = Box<dyn FnMut(&SnapshotLoadParams) -> Result<(M, MachineConfig), VmmError>>;
+/// with the configuration it really has (machine and devices, overrides applied, no boot
+/// source), for `GET /vm/config`.
+pub type Restorer<M> = Box<dyn FnMut(&SnapshotLoadParams) -> Result<(M, VmConfig), VmmError>>;
 
 /// The state machine behind the API.
 pub struct Controller<M: Machine> {
@@ -72,6 +73,8 @@ pub struct Controller<M: Machine> {
     machine: Option<M>,
     launch: Launcher<M>,
     restore: Option<Restorer<M>>,
+    /// The VM was loaded from a snapshot rather than booted.
+    loaded: bool,
     metrics: Metrics,
     sink: Option<MetricsSink>,
     last_flush: Instant,
@@ -85,6 +88,32 @@ fn after_start(section: &str) -> Fault {
     fault(format!("{section} cannot change after the VM started"))
 }
 
+/// Refuses a configuration change to a VM loaded from a snapshot: it has the machine and
+/// devices it was saved with; the load's overrides were the time to change them.
+fn after_load(change: &VmmAction) -> Fault {
+    let message = match change {
+        VmmAction::PutMachineConfig(_) | VmmAction::PatchMachineConfig(_) => {
+            "machine-config cannot change: the VM was loaded from a snapshot and has the \
+             vCPUs and memory it was saved with; track_dirty_pages is set in PUT /snapshot/load"
+        }
+        VmmAction::PutDrive(_) => {
+            "drives cannot be added or replaced: the VM was loaded from a snapshot and has \
+             the drives it was saved with; PATCH /drives/{drive_id} swaps a drive's backing file"
+        }
+        VmmAction::PutNetworkInterface(_) => {
+            "network-interfaces cannot change: the VM was loaded from a snapshot and has the \
+             interfaces it was saved with; give network_overrides in PUT /snapshot/load to \
+             move one to another TAP"
+        }
+        VmmAction::PutVsock(_) => {
+            "vsock cannot change: the VM was loaded from a snapshot and has the vsock device \
+             it was saved with; give vsock_override in PUT /snapshot/load to move its socket"
+        }
+        _ => "this cannot change: the VM was loaded from a snapshot",
+    };
+    fault(message)
+}
+
 impl<M: Machine> Controller<M> {
     pub fn new(id: String, launch: Launcher<M>) -> Self {
         Self {
@@ -94,6 +123,7 @@ impl<M: Machine> Controller<M> {
             machine: None,
             launch,
             restore: None,
+            loaded: false,
             metrics: Metrics::default(),
             sink: None,
             last_flush: Instant::now(),
@@ -191,6 +221,10 @@ impl<M: Machine> Controller<M> {
             (_, A::PatchNetworkInterface(patch)) => self.patch_network_interface(&patch),
             (NotStarted, A::PutVsock(vsock)) => self.configure(|c| c.vsock = Some(vsock)),
             (NotStarted, A::InstanceStart) => self.start(),
+            (Running | Paused, A::InstanceStart) if self.loaded => Err(fault(
+                "InstanceStart: the VM was loaded from a snapshot and needs no start; \
+                 PATCH /vm {\"state\": \"Resumed\"} runs a paused one",
+            )),
             (Running | Paused, A::InstanceStart) => {
                 Err(fault("InstanceStart: the VM is already running"))
             }
@@ -210,6 +244,18 @@ impl<M: Machine> Controller<M> {
             (Running, A::Pause) => self.set_paused(true),
             (Paused, A::Resume) => self.set_paused(false),
             (Paused, A::Pause) | (Running, A::Resume) => Ok(VmmData::Empty),
+            (Running | Paused, A::PutBootSource(_)) if self.loaded => Err(fault(
+                "boot-source: the VM was loaded from a snapshot and does not boot from a \
+                 kernel; there is no boot source to set",
+            )),
+            (
+                Running | Paused,
+                change @ (A::PutMachineConfig(_)
+                | A::PatchMachineConfig(_)
+                | A::PutDrive(_)
+                | A::PutNetworkInterface(_)
+                | A::PutVsock(_)),
+            ) if self.loaded => Err(after_load(&change)),
             (Running | Paused, A::PutBootSource(_)) => Err(after_start("boot-source")),
             (Running | Paused, A::PutMachineConfig(_) | A::PatchMachineConfig(_)) => {
                 Err(after_start("machine-config"))
@@ -381,12 +427,22 @@ impl<M: Machine> Controller<M> {
             .restore
             .as_mut()
             .ok_or_else(|| fault("snapshot/load: this ember cannot load snapshots"))?;
-        let (machine, machine_config) =
+        let (machine, restored) =
             restore(params).map_err(|e| fault(format!("snapshot/load: {e}")))?;
         self.metrics.devices = machine.device_counters();
         self.metrics.vcpu_exits = machine.exit_counters();
         self.machine = Some(machine);
-        self.config.machine_config = machine_config;
+        self.loaded = true;
+        // What the VM really has, as Firecracker records its restored devices; the logger
+        // and metrics destinations stay as configured.
+        self.config = VmConfig {
+            boot_source: None,
+            machine_config: restored.machine_config,
+            drives: restored.drives,
+            network_interfaces: restored.network_interfaces,
+            vsock: restored.vsock,
+            ..self.config.clone()
+        };
         self.state = if params.resume_vm {
             VmState::Running
         } else {

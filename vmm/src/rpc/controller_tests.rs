@@ -566,12 +566,58 @@ fn with_restorer(
     c.with_restorer(Box::new(move |params| {
         let call = format!("restore {}", params.snapshot_path.display());
         for_restore.borrow_mut().log.push(call);
-        let machine = api::models::MachineConfig {
-            vcpu_count: 2,
-            ..Default::default()
-        };
-        Ok((FakeMachine(for_restore.clone()), machine))
+        Ok((FakeMachine(for_restore.clone()), restored_config(params)))
     }))
+}
+
+/// What a restorer reports of a VM saved with two vCPUs, a drive, an interface on TAP
+/// `tap0` and vsock on CID 3 at `/run/v.sock`, with the load's overrides applied.
+fn restored_config(params: &api::requests::SnapshotLoadParams) -> VmConfig {
+    let host_dev_name = params
+        .network_overrides
+        .iter()
+        .find(|o| o.iface_id == "eth0")
+        .map_or("tap0".into(), |o| o.host_dev_name.clone());
+    let vsock = params.vsock_override.as_ref();
+    VmConfig {
+        machine_config: MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 256,
+            track_dirty_pages: params.track_dirty_pages,
+            ..MachineConfig::default()
+        },
+        drives: vec![Drive {
+            drive_id: "root".into(),
+            path_on_host: "/images/root.ext4".into(),
+            is_root_device: false,
+            is_read_only: true,
+            partuuid: None,
+            cache_type: Default::default(),
+            io_engine: None,
+            rate_limiter: None,
+            socket: None,
+        }],
+        network_interfaces: vec![NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name,
+            guest_mac: Some("06:00:ac:10:00:02".into()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        }],
+        vsock: Some(VsockConfig {
+            vsock_id: None,
+            guest_cid: vsock.and_then(|v| v.guest_cid).unwrap_or(3),
+            uds_path: vsock.map_or("/run/v.sock".into(), |v| v.uds_path.clone()),
+        }),
+        ..VmConfig::default()
+    }
+}
+
+fn vm_config(c: &mut Controller<FakeMachine>) -> VmConfig {
+    match c.handle(VmmAction::GetVmConfig) {
+        Ok(VmmData::VmConfig(config)) => *config,
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -642,4 +688,136 @@ fn snapshots_load_only_into_a_fresh_controller() {
     let mut c = with_restorer(c, &calls);
     c.handle(load(true, false)).unwrap();
     assert_eq!(c.state(), VmState::Running);
+}
+
+#[test]
+fn vm_config_after_a_load_shows_the_restored_vm_with_its_overrides() {
+    let files = Files::new();
+    let (c, calls) = controller();
+    let mut c = with_restorer(c, &calls);
+    let metrics = files.path("metrics.json");
+    c.handle(VmmAction::PutMetrics(MetricsConfig {
+        metrics_path: metrics.clone(),
+    }))
+    .unwrap();
+    let VmmAction::LoadSnapshot(mut params) = load(false, true) else {
+        unreachable!()
+    };
+    params.network_overrides = vec![api::requests::NetworkOverride {
+        iface_id: "eth0".into(),
+        host_dev_name: "tap7".into(),
+    }];
+    params.vsock_override = Some(api::requests::VsockOverride {
+        uds_path: "/run/clone.sock".into(),
+        guest_cid: Some(9),
+    });
+    c.handle(VmmAction::LoadSnapshot(params)).unwrap();
+
+    let config = vm_config(&mut c);
+    assert_eq!(config.boot_source, None, "a loaded VM did not boot");
+    assert_eq!(config.machine_config.vcpu_count, 2);
+    assert_eq!(config.machine_config.mem_size_mib, 256);
+    assert!(config.machine_config.track_dirty_pages);
+    assert_eq!(config.drives[0].drive_id, "root");
+    assert_eq!(config.network_interfaces[0].host_dev_name, "tap7");
+    let vsock = config.vsock.as_ref().unwrap();
+    assert_eq!(
+        (vsock.guest_cid, vsock.uds_path.as_path()),
+        (9, Path::new("/run/clone.sock"))
+    );
+    c.handle(VmmAction::FlushMetrics).unwrap();
+    assert_eq!(
+        metrics_lines(&metrics).len(),
+        1,
+        "the destination set before the load"
+    );
+    match c.handle(VmmAction::GetMachineConfig) {
+        Ok(VmmData::MachineConfig(m)) => assert!(m.track_dirty_pages && m.vcpu_count == 2),
+        other => panic!("{other:?}"),
+    }
+    // The Firecracker JSON: boot-source absent, the devices present.
+    let json = serde_json::to_value(vm_config(&mut c)).unwrap();
+    assert!(json.get("boot-source").is_none(), "{json}");
+    assert_eq!(json["network-interfaces"][0]["host_dev_name"], "tap7");
+    assert_eq!(json["machine-config"]["track_dirty_pages"], true);
+
+    // The drive the VM has can be swapped, and the config follows.
+    c.handle(VmmAction::PatchDrive(DrivePatch {
+        drive_id: "root".into(),
+        path_on_host: Some(files.path("other.img")),
+        rate_limiter: None,
+    }))
+    .unwrap();
+    assert_eq!(
+        vm_config(&mut c).drives[0].path_on_host,
+        files.path("other.img")
+    );
+}
+
+#[test]
+fn configuration_changes_after_a_load_are_refused_and_say_why() {
+    let files = Files::new();
+    let (c, calls) = controller();
+    let mut c = with_restorer(c, &calls);
+    c.handle(load(false, false)).unwrap();
+    let before = vm_config(&mut c);
+    let boot = refused(&mut c, files.boot());
+    assert!(boot.contains("loaded from a snapshot"), "{boot}");
+    assert!(boot.starts_with("boot-source: "), "{boot}");
+    for (action, expect) in [
+        (
+            VmmAction::PutMachineConfig(MachineConfig::default()),
+            "machine-config cannot change",
+        ),
+        (
+            VmmAction::PatchMachineConfig(MachineConfigPatch::default()),
+            "machine-config cannot change",
+        ),
+        (files.drive("data", false), "drives cannot be added"),
+        (
+            VmmAction::PutNetworkInterface(NetworkInterface {
+                iface_id: "eth1".into(),
+                host_dev_name: "tap1".into(),
+                guest_mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            }),
+            "network_overrides",
+        ),
+        (
+            VmmAction::PutVsock(VsockConfig {
+                vsock_id: None,
+                guest_cid: 4,
+                uds_path: "/v".into(),
+            }),
+            "vsock_override",
+        ),
+    ] {
+        let message = refused(&mut c, action);
+        assert!(message.contains(expect), "{message}");
+        assert!(message.contains("loaded from a snapshot"), "{message}");
+    }
+    let start = refused(&mut c, VmmAction::InstanceStart);
+    assert!(start.contains("loaded from a snapshot"), "{start}");
+    assert!(refused(&mut c, load(true, false)).contains("fresh ember process"));
+    assert_eq!(vm_config(&mut c), before, "nothing refused was kept");
+    assert_eq!(calls.borrow().log, ["restore s.state"]);
+}
+
+#[test]
+fn a_failed_load_leaves_the_controller_fresh() {
+    let (c, calls) = controller();
+    let mut c = c.with_restorer(Box::new(|params| {
+        Err(VmmError::Snapshot(crate::persist::PersistError::Request(
+            format!("cannot open {}", params.snapshot_path.display()),
+        )))
+    }));
+    let message = refused(&mut c, load(true, false));
+    assert!(
+        message.starts_with("snapshot/load: cannot open s.state"),
+        "{message}"
+    );
+    assert_eq!(c.state(), VmState::NotStarted);
+    assert_eq!(vm_config(&mut c), VmConfig::default());
+    assert!(calls.borrow().log.is_empty());
 }
