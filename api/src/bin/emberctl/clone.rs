@@ -303,10 +303,11 @@ fn spawn_ember(ember: &Path, plan: &ClonePlan) -> Result<Child, String> {
         let path = plan.dir.join(name);
         File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))
     };
+    // Run from emberctl's own directory: drive and TAP paths the snapshot holds as given
+    // (relative ones too) resolve as they did for the ember that took it, if it ran there.
     Command::new(ember)
         .arg("--api-sock")
         .arg(&plan.api_sock)
-        .current_dir(&plan.dir)
         .stdin(Stdio::null())
         .stdout(file("console.log")?)
         .stderr(file("ember.log")?)
