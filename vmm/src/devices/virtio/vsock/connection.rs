@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use super::credit::{Credit, BUF_ALLOC};
 use super::packet::{Header, Op, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
-/// How long a connection the guest reset may wait for its host client to read what the guest
-/// sent before the reset.
+/// How long a connection the guest reset may wait for its host client to read more of what
+/// the guest sent before the reset.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection's identity: our (host) port and the guest's port.
@@ -256,7 +256,13 @@ impl Connection {
                 Ok(n) => {
                     let guest = self.host_bound.consume(n);
                     self.credit.record_forwarded(guest as u32);
+                    if self.state == State::Draining {
+                        // The client is reading: its time runs from its last read.
+                        self.deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+                    }
                 }
+                // The guest reset a draining connection already: it is owed no RST.
+                Err(_) if self.state == State::Draining => return Verdict::Close,
                 Err(_) => return Verdict::Reset,
             }
         }
@@ -702,6 +708,28 @@ mod tests {
         drop(c);
         got.extend(read_all(&theirs));
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_draining_connection_times_out_from_the_last_read_and_closes_if_its_client_goes() {
+        let (mut c, mut theirs) = established();
+        while c.undelivered() < 100_000 {
+            let v = c.on_guest_packet(&guest(Op::Rw, 0, 65536, 0), Op::Rw, &[3u8; 4096]);
+            assert_eq!(v, Verdict::Keep);
+        }
+        c.on_guest_packet(&guest(Op::Rst, 0, 0, 0), Op::Rst, &[]);
+        assert_eq!(c.state(), State::Draining);
+        let first_deadline = c.deadline.unwrap();
+        // The client reads a little: its time runs from then.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut buf = [0u8; 4096];
+        assert_eq!(theirs.read(&mut buf).unwrap(), 4096);
+        assert_eq!(c.on_host_event(false, true), Verdict::Keep);
+        assert!(c.deadline.unwrap() > first_deadline);
+        // The client goes away: the rest cannot be delivered, and the guest is owed no RST.
+        drop(theirs);
+        assert_eq!(c.on_host_event(true, true), Verdict::Close);
+        assert!(c.undelivered() > 0);
     }
 
     #[test]

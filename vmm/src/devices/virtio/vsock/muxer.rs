@@ -254,11 +254,25 @@ impl Muxer {
     fn settle(&mut self, key: ConnKey, verdict: Verdict, watcher: &mut dyn Watcher) {
         match verdict {
             Verdict::Close => {
-                // A guest that closes its socket says SHUTDOWN first; a RST on a connection
-                // it had not shut down means its side failed, which the host client only sees
-                // as an end of stream.
-                if self.conns.get(&key).is_some_and(|c| !c.guest_shut_down()) {
-                    self.warn(key, "the guest reset it before shutting it down");
+                match self
+                    .conns
+                    .get(&key)
+                    .map(|c| (c.undelivered(), c.guest_shut_down()))
+                {
+                    Some((lost @ 1.., _)) => self.warn(
+                        key,
+                        &format!(
+                            "the guest reset it and its host client went away; the guest's \
+                             last {lost} bytes were dropped"
+                        ),
+                    ),
+                    // A guest that closes its socket says SHUTDOWN first; a RST on a
+                    // connection it had not shut down means its side failed, which the host
+                    // client only sees as an end of stream.
+                    Some((0, false)) => {
+                        self.warn(key, "the guest reset it before shutting it down");
+                    }
+                    _ => {}
                 }
                 self.remove(key, watcher)
             }
