@@ -429,15 +429,19 @@ impl Vcpu {
         // Far more rounds than an access has parts.
         for _ in 0..16 {
             if !self.exit_pending {
-                break;
+                self.fd.set_kvm_immediate_exit(0);
+                return None;
             }
             self.fd.set_kvm_immediate_exit(1);
             if let Some(stop) = self.run_once() {
                 return Some(stop);
             }
         }
-        self.fd.set_kvm_immediate_exit(0);
-        None
+        // KVM kept exiting for I/O with immediate_exit set: parked now, the vCPU's saved
+        // state would hold a half-done access, so it stops rather than pretend to pause.
+        Some(VcpuStop::Failed(
+            "KVM did not finish the vCPU's last I/O access within 16 entries while pausing".into(),
+        ))
     }
 
     /// One KVM_RUN and the handling of its exit; `Some` when the vCPU must stop.
