@@ -88,6 +88,26 @@ fn after_start(section: &str) -> Fault {
     fault(format!("{section} cannot change after the VM started"))
 }
 
+/// Whether two paths name one file: spelled alike but for `.` parts (`s`, `./s`), or, for
+/// files that exist, the same file by any name (links, symlinked directories). Only `statx`,
+/// which the VMM thread's filter allows.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Component, PathBuf};
+    let lexical = |p: &Path| -> PathBuf {
+        p.components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .collect()
+    };
+    if lexical(a) == lexical(b) {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
 /// Refuses a configuration change to a VM loaded from a snapshot: it has the machine and
 /// devices it was saved with; the load's overrides were the time to change them.
 fn after_load(change: &VmmAction) -> Fault {
@@ -395,7 +415,7 @@ impl<M: Machine> Controller<M> {
                  before boot or in PUT /snapshot/load, or take a Full snapshot",
             ));
         }
-        if params.snapshot_path == params.mem_file_path {
+        if same_file(&params.snapshot_path, &params.mem_file_path) {
             return Err(fault(
                 "snapshot/create: snapshot_path and mem_file_path are the same file; give two paths",
             ));

@@ -821,3 +821,19 @@ fn a_failed_load_leaves_the_controller_fresh() {
     assert_eq!(vm_config(&mut c), VmConfig::default());
     assert!(calls.borrow().log.is_empty());
 }
+
+#[test]
+fn one_file_under_two_spellings_is_the_same_file() {
+    assert!(same_file(Path::new("s"), Path::new("./s")));
+    assert!(same_file(Path::new("d/./s"), Path::new("d/s")));
+    assert!(!same_file(Path::new("s.state"), Path::new("s.mem")));
+    let dir = std::env::temp_dir().join(format!("ember-same-file-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("real")).unwrap();
+    std::os::unix::fs::symlink(dir.join("real"), dir.join("link")).unwrap();
+    std::fs::write(dir.join("real/snap"), b"x").unwrap();
+    std::fs::write(dir.join("real/other"), b"x").unwrap();
+    assert!(same_file(&dir.join("real/snap"), &dir.join("link/snap")));
+    assert!(!same_file(&dir.join("real/snap"), &dir.join("link/other")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
