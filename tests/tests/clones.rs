@@ -241,3 +241,71 @@ fn saved_as_ready() {
         }
     }
 }
+
+/// An ember killed (SIGKILL) while it writes a snapshot over an earlier one leaves a whole
+/// pair at the paths: it loads and its guest answers, as saved first (or second, if the
+/// save finished first; then, if it answered, it must be the second). The kill is sent as
+/// soon as the new memory file's temporary file exists.
+#[test]
+fn killed_while_saving() {
+    let Some(dir) = testbed::vm_test("killed_while_saving", Duration::from_secs(1800)) else {
+        return;
+    };
+    let art = artifacts();
+    let root = art.private_rootfs(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    let mut spec = GuestSpec::with_agent(&art, &root, &uds);
+    // A big guest, so that writing its memory takes a while.
+    spec.mem_mib = 1024;
+    let (mut vm, agent) = boot_with_agent(&dir, &spec, &uds);
+    sh(&agent, "echo first > /tmp/first");
+    let (state, mem) = (dir.join("s.state"), dir.join("s.mem"));
+    vm.snapshot(&state, &mem);
+    vm.ok("PATCH", "/vm", serde_json::json!({"state": "Resumed"}));
+    sh(&agent, "echo second > /tmp/second");
+    vm.ok("PATCH", "/vm", serde_json::json!({"state": "Paused"}));
+    let sock = vm.sock.clone();
+    let body = serde_json::json!({
+        "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem,
+    });
+    let saving = std::thread::spawn(move || {
+        api::client::ApiClient::new(&sock)
+            .with_timeout(Duration::from_secs(600))
+            .request("PUT", "/snapshot/create", Some(&body.to_string()))
+    });
+    let temporary = |name: &str| {
+        fs::read_dir(&dir).unwrap().flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".{name}."))
+        })
+    };
+    wait_until("the new memory file", Duration::from_secs(300), || {
+        temporary("s.mem")
+    });
+    vm.kill();
+    // The request ends without an answer, or with one if the save won the race; either
+    // way the pair at the paths must be whole, and a save that answered is the one there.
+    let saved = saving.join().unwrap().is_ok_and(|r| r.is_success());
+    let restored_uds = dir.join("w.sock");
+    let restored = Ember::spawn(&dir.join("restored"), &[]);
+    restored.ok(
+        "PUT",
+        "/snapshot/load",
+        load_body(&state, &mem, &restored_uds, None),
+    );
+    let agent = agent_after_restore(&restored_uds, || restored.logs());
+    assert_eq!(sh(&agent, "cat /tmp/first"), "first\n");
+    let second = sh(&agent, "cat /tmp/second 2>/dev/null || echo absent");
+    if saved {
+        assert_eq!(
+            second, "second\n",
+            "the save answered, so its pair is there"
+        );
+    } else {
+        assert!(
+            second == "absent\n" || second == "second\n",
+            "a guest that is neither snapshot: {second:?}"
+        );
+    }
+}
