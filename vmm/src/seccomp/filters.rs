@@ -149,6 +149,9 @@ const COMMON: &[Allowed] = &[
     (libc::SYS_write, Args::Any),
     // std's Mutex, Condvar, mpsc channels and thread parking.
     (libc::SYS_futex, Args::Any),
+    // std's mpsc channels back off with sched_yield while another thread holds the channel
+    // (seen on the API thread with 50 embers starting at once).
+    (libc::SYS_sched_yield, Args::Any),
     // malloc: new arenas and large blocks (never executable).
     (libc::SYS_mmap, NO_EXEC),
     // malloc grows a thread's arena in place (never executable).

@@ -39,6 +39,18 @@ fn every_filter_compiles_for_x86_64() {
 }
 
 #[test]
+fn every_thread_may_yield_as_std_channels_do_under_contention() {
+    // A contended mpsc send or receive backs off with sched_yield; forbidding it killed an
+    // ember whose API thread met a busy channel.
+    for kind in ThreadKind::ALL {
+        assert!(
+            filters::allowed(kind).any(|(nr, _)| *nr == libc::SYS_sched_yield),
+            "{kind} may not call sched_yield"
+        );
+    }
+}
+
+#[test]
 fn no_system_call_is_listed_twice_for_a_thread() {
     // A second entry would merge its conditions into the first and could narrow an `Any`.
     for kind in ThreadKind::ALL {
