@@ -94,7 +94,8 @@ kill $peer 2>/dev/null || true
     let read = |name: &str| fs::read_to_string(job.dir().join(name)).unwrap_or_default();
     let console = read("vm.out");
     let context = format!(
-        "{out}\n--- guest\n{console}\n--- server\n{}{}",
+        "{out}\n--- guest\n{console}\n--- ember stderr\n{}\n--- server\n{}{}",
+        read("vm.err"),
         read("server.out"),
         read("server.err")
     );
