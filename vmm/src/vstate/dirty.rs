@@ -11,7 +11,6 @@
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
@@ -228,12 +227,7 @@ fn coalesce(ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 /// `written`: a file system that fills holes, or keeps them in blocks larger than a page,
 /// would make the merge copy zeros over pages of the base.
 fn check_holes(file: &File, written: &[(u64, u64)], total: u64) -> io::Result<()> {
-    let mut offset = 0u64;
-    while offset < total {
-        let Some(data) = seek(file, offset, libc::SEEK_DATA)? else {
-            return Ok(());
-        };
-        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(total);
+    for (data, hole) in api::memfile::data_regions(file, total)? {
         if !written.iter().any(|&(s, e)| s <= data && hole <= e) {
             return Err(io::Error::other(format!(
                 "the file system keeps data at bytes {data}..{hole} that were not written \
@@ -242,25 +236,8 @@ fn check_holes(file: &File, written: &[(u64, u64)], total: u64) -> io::Result<()
                  as ext4, xfs or tmpfs"
             )));
         }
-        offset = hole;
     }
     Ok(())
-}
-
-/// `lseek(fd, offset, whence)`; None where SEEK_DATA finds no more data (ENXIO).
-pub(crate) fn seek(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-    let offset =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek on a file descriptor `file` owns; it only moves the file offset.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if at < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(at as u64))
 }
 
 #[cfg(test)]
@@ -329,10 +306,8 @@ mod tests {
         File::open(&path).unwrap().read_to_end(&mut bytes).unwrap();
         assert!(bytes[0x5000..0x6000].iter().all(|&b| b == 0xaa));
         assert_eq!(bytes[(8 << 20) - 1], 0xbb);
-        assert_eq!(seek(&file, 0, libc::SEEK_DATA).unwrap(), Some(0x5000));
-        assert_eq!(seek(&file, 0x5000, libc::SEEK_HOLE).unwrap(), Some(0x6000));
-        assert_eq!(seek(&file, 0x6000, libc::SEEK_DATA).unwrap(), Some(0x7000));
-        assert_eq!(seek(&file, 0x7000, libc::SEEK_HOLE).unwrap(), Some(0x8000));
+        let regions = api::memfile::data_regions(&file, 8 << 20).unwrap();
+        assert_eq!(regions[..2], [(0x5000, 0x6000), (0x7000, 0x8000)]);
     }
 
     #[test]
