@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use testbed::Artifacts;
 
-use crate::snapshot::{guest, request, settle, Vm, LIMIT};
+use crate::snapshot::{agent_answers, guest, request, Vm, LIMIT};
 use crate::stats::Summary;
 
 /// How much guest memory each run writes between the base and the diff, MiB.
@@ -135,7 +135,7 @@ pub fn run(
 fn one_cycle(api_sock: &Path, uds: &Path, dir: &Path, vm: &Vm) -> Result<DiffSample, String> {
     let (base_state, base_mem) = (dir.join("base.state"), dir.join("base.mem"));
     let (diff_state, diff_mem) = (dir.join("diff.state"), dir.join("diff.mem"));
-    settle(uds, vm)?;
+    agent_answers(uds, vm)?;
     let full_ms = paused_snapshot(api_sock, "Full", &base_state, &base_mem)?;
     dirty(uds, vm)?;
     let diff_ms = paused_snapshot(api_sock, "Diff", &diff_state, &diff_mem)?;
@@ -183,7 +183,8 @@ fn dirty(uds: &Path, vm: &Vm) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    // Let the dirtied pages settle before the pause, as the Full create's guest did.
+    // A moment for the guest to finish what follows the write (page cache, the agent's
+    // answer) before the pause.
     std::thread::sleep(Duration::from_millis(200));
     Ok(())
 }

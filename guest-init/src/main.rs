@@ -80,16 +80,18 @@ fn run() -> Result<PowerAction> {
     // Before any thread starts: every thread inherits the mask, so the signals queue for
     // `supervise` instead of being delivered (and dropped) elsewhere.
     let signals = block_signals()?;
+    let ready_ms = report::boot_time().as_millis();
+    // Before the agent starts, so that no host can take a snapshot between the agent's
+    // READY and this write (see `signal_boot_complete`).
+    signal_boot_complete();
     agent::start_in_guest(&REAPER, Box::new(request_power));
     println!("ember-init: cmdline: {}", text.trim());
     println!(
-        "ember-init: ready in {} ms: cpus={} ram_kib={} hostname={}",
-        report::boot_time().as_millis(),
+        "ember-init: ready in {ready_ms} ms: cpus={} ram_kib={} hostname={}",
         online_cpus().map_or_else(|| "?".into(), |n| n.to_string()),
         system_ram_kib().map_or_else(|| "?".into(), |n| n.to_string()),
         options.hostname,
     );
-    signal_boot_complete();
     match (options.run, options.poweroff_when_ready) {
         (None, true) => return Ok(PowerAction::PowerOff),
         (Some(command), poweroff) => start_command(command, poweroff)?,
@@ -318,11 +320,20 @@ fn system_ram_kib() -> Option<u64> {
 
 /// Writes the boot-complete value to Ember's boot-timer port. Elsewhere (another VMM, no
 /// port access) this does nothing harmful: an unclaimed port ignores writes.
+///
+/// The port is granted for the write only and dropped right after, so that neither PID 1
+/// nor the commands the agent starts (which would inherit it) keep any I/O port. It matters
+/// for snapshots too: a guest paused between the grant and the write must not have to make
+/// a user-mode port access once restored. In the nested test bed (QEMU's emulated SVM),
+/// such an access faults after any restore: KVM reports the task register as a busy TSS,
+/// as it must be, and QEMU only checks the I/O bitmap of one marked available; PID 1 died
+/// of that #GP when saved at that moment.
 fn signal_boot_complete() {
     #[cfg(target_arch = "x86_64")]
     {
+        let port = u64::from(BOOT_TIMER_PORT);
         // SAFETY: ioperm only changes this process's I/O permission bitmap.
-        if unsafe { libc::ioperm(u64::from(BOOT_TIMER_PORT), 1, 1) } != 0 {
+        if unsafe { libc::ioperm(port, 1, 1) } != 0 {
             return;
         }
         // SAFETY: the port was just granted to this process; a port write touches no
@@ -335,6 +346,8 @@ fn signal_boot_complete() {
                 options(nomem, nostack, preserves_flags)
             );
         }
+        // SAFETY: as above; this takes the grant back (Linux frees the bitmap).
+        unsafe { libc::ioperm(port, 1, 0) };
     }
 }
 
