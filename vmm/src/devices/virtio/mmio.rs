@@ -25,9 +25,11 @@ const MAGIC: u32 = 0x7472_6976;
 const VERSION_MODERN: u32 = 2;
 /// "EMBR", little endian: the vendor id Ember reports.
 const VENDOR_ID: u32 = 0x5242_4d45;
-const CONFIG_SPACE: u64 = 0x100;
+/// Where the device's configuration space starts in the window.
+pub const CONFIG_SPACE: u64 = 0x100;
 
-mod reg {
+/// Register offsets in the window (virtio spec 4.2.2).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -316,11 +318,12 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::block::{Block, DriveSpec};
+    use crate::devices::virtio::test_support::MmioDriver;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     struct Rig {
-        transport: MmioTransport,
+        driver: MmioDriver,
         block: Arc<Mutex<Block>>,
     }
 
@@ -338,30 +341,23 @@ mod tests {
             Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         Rig {
-            transport: MmioTransport::new(block.clone(), mem, interrupt),
+            driver: MmioDriver::new(MmioTransport::new(block.clone(), mem, interrupt)),
             block,
         }
     }
 
     impl Rig {
         fn read(&mut self, offset: u64) -> u32 {
-            let mut data = [0u8; 4];
-            self.transport.read(offset, &mut data);
-            u32::from_le_bytes(data)
+            self.driver.read(offset)
         }
         fn write(&mut self, offset: u64, value: u32) {
-            self.transport.write(offset, &value.to_le_bytes());
+            self.driver.write(offset, value);
         }
         fn negotiate(&mut self, features_high: u32) {
-            self.write(reg::STATUS, status::ACKNOWLEDGE);
-            self.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-            self.write(reg::DRIVER_FEATURES_SEL, 1);
-            self.write(reg::DRIVER_FEATURES, features_high);
-            self.write(
-                reg::STATUS,
-                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-            );
+            self.driver.negotiate(u64::from(features_high) << 32);
         }
+        /// Queue 0 with 16 entries, its parts a page apart from `desc` (which may lie
+        /// outside guest memory).
         fn setup_queue(&mut self, desc: u32) {
             self.write(reg::QUEUE_SEL, 0);
             self.write(reg::QUEUE_NUM, 16);
@@ -371,9 +367,17 @@ mod tests {
             self.write(reg::QUEUE_READY, 1);
         }
         fn out_of_sequence(&self) -> u64 {
-            self.transport
+            self.driver
+                .transport
                 .counters
                 .out_of_sequence
+                .load(Ordering::Relaxed)
+        }
+        fn bad_access(&self) -> u64 {
+            self.driver
+                .transport
+                .counters
+                .bad_access
                 .load(Ordering::Relaxed)
         }
     }
@@ -390,9 +394,9 @@ mod tests {
         assert_eq!(r.read(reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
         assert_eq!(r.read(reg::QUEUE_NUM_MAX), 256);
         let mut narrow = [0xffu8; 2];
-        r.transport.read(reg::MAGIC, &mut narrow);
+        r.driver.transport.read(reg::MAGIC, &mut narrow);
         assert_eq!(narrow, [0, 0]);
-        assert_eq!(r.transport.counters.bad_access.load(Ordering::Relaxed), 1);
+        assert_eq!(r.bad_access(), 1);
     }
 
     #[test]
@@ -496,6 +500,6 @@ mod tests {
         assert_ne!(r.read(reg::STATUS) & status::FAILED, 0);
         r.write(reg::QUEUE_NOTIFY, 9);
         r.write(0x0c8, 1);
-        assert!(r.transport.counters.bad_access.load(Ordering::Relaxed) >= 2);
+        assert!(r.bad_access() >= 2);
     }
 }

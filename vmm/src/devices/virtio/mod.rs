@@ -11,6 +11,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+#[doc(hidden)]
+pub mod test_support;
 pub mod vsock;
 
 use std::os::fd::AsRawFd;

@@ -288,15 +288,8 @@ mod tests {
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
-    /// A datagram socket keeps frame boundaries, like a TAP.
-    impl FrameBackend for UnixDatagram {
-        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.recv(buf)
-        }
-        fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
-            self.send(frame)
-        }
-    }
+    // The backend is a datagram socket (devices::virtio::test_support), which keeps frame
+    // boundaries like a TAP.
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
