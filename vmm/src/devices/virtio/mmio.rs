@@ -5,8 +5,9 @@
 //! Every register access comes from the guest, so nothing here trusts it: accesses of the
 //! wrong width, writes out of sequence (queue set-up after DRIVER_OK, features after
 //! FEATURES_OK) and bad queue selections are ignored and counted; a driver that accepts
-//! features without VERSION_1 never gets FEATURES_OK; a device that cannot start reports
-//! DEVICE_NEEDS_RESET.
+//! features without VERSION_1 never gets FEATURES_OK; a queue size or ring address the queue
+//! cannot take, and a device that cannot start, report DEVICE_NEEDS_RESET, and such a
+//! device stays stopped until the driver resets it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,8 @@ pub mod reg {
 pub struct TransportCounters {
     pub bad_access: AtomicU64,
     pub out_of_sequence: AtomicU64,
+    /// Queue sizes or ring addresses the queue could not take.
+    pub bad_queue_config: AtomicU64,
     pub activate_failures: AtomicU64,
 }
 
@@ -136,44 +139,64 @@ impl MmioTransport {
             == status::FEATURES_OK
     }
 
-    fn with_selected_queue(&mut self, f: impl FnOnce(&mut virtio_queue::Queue)) {
+    /// Applies a queue register write to the selected queue; `f` says whether the queue
+    /// took the value. A value it cannot take (a size that is zero, not a power of two or
+    /// over the maximum, a misaligned ring) would leave the device using other rings than
+    /// the driver's: the device then needs a reset and will not start.
+    fn with_selected_queue(&mut self, f: impl FnOnce(&mut virtio_queue::Queue) -> bool) {
         if !self.queue_setup_allowed() {
             Self::count(&self.counters.out_of_sequence);
             return;
         }
         let mut device = lock(&self.device);
-        match device.queues_mut().get_mut(self.queue_sel as usize) {
+        let taken = match device.queues_mut().get_mut(self.queue_sel as usize) {
             Some(queue) => f(queue),
-            None => Self::count(&self.counters.bad_access),
+            None => return Self::count(&self.counters.bad_access),
+        };
+        drop(device);
+        if !taken {
+            Self::count(&self.counters.bad_queue_config);
+            self.needs_reset();
         }
     }
 
+    /// Sets DEVICE_NEEDS_RESET and tells the driver (virtio spec 2.1.2).
+    fn needs_reset(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        // A lost interrupt only delays the driver's look at the status.
+        let _ = self.interrupt.signal_config_change();
+    }
+
     fn write_register(&mut self, offset: u64, value: u32) {
+        // The driver writes each ring address in two halves.
+        let high = matches!(
+            offset,
+            reg::QUEUE_DESC_HIGH | reg::QUEUE_DRIVER_HIGH | reg::QUEUE_DEVICE_HIGH
+        );
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             reg::DRIVER_FEATURES => self.write_driver_features(value),
             reg::QUEUE_SEL => self.queue_sel = value,
-            reg::QUEUE_NUM => self.with_selected_queue(|q| q.set_size(value as u16)),
-            reg::QUEUE_READY => self.with_selected_queue(|q| q.set_ready(value == 1)),
-            reg::QUEUE_DESC_LOW => {
-                self.with_selected_queue(|q| q.set_desc_table_address(Some(value), None))
-            }
-            reg::QUEUE_DESC_HIGH => {
-                self.with_selected_queue(|q| q.set_desc_table_address(None, Some(value)))
-            }
-            reg::QUEUE_DRIVER_LOW => {
-                self.with_selected_queue(|q| q.set_avail_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.with_selected_queue(|q| q.set_avail_ring_address(None, Some(value)))
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.with_selected_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.with_selected_queue(|q| q.set_used_ring_address(None, Some(value)))
-            }
+            reg::QUEUE_NUM => self.with_selected_queue(|q| {
+                u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok())
+            }),
+            reg::QUEUE_READY => self.with_selected_queue(|q| {
+                q.set_ready(value == 1);
+                true
+            }),
+            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => self.with_selected_queue(|q| {
+                let addr = half(q.desc_table(), value, high);
+                q.try_set_desc_table_address(addr).is_ok()
+            }),
+            reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => self.with_selected_queue(|q| {
+                let addr = half(q.avail_ring(), value, high);
+                q.try_set_avail_ring_address(addr).is_ok()
+            }),
+            reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => self.with_selected_queue(|q| {
+                let addr = half(q.used_ring(), value, high);
+                q.try_set_used_ring_address(addr).is_ok()
+            }),
             reg::QUEUE_NOTIFY => self.notify_queue(value),
             reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
             reg::STATUS => self.write_status(value),
@@ -227,7 +250,12 @@ impl MmioTransport {
             status::FEATURES_OK => {
                 self.status == status::ACKNOWLEDGE | status::DRIVER && self.accept_features()
             }
-            status::DRIVER_OK => self.status & status::FEATURES_OK != 0 && self.activate(),
+            // A device that needs a reset (a queue set-up it refused) stays stopped.
+            status::DRIVER_OK => {
+                self.status & (status::FEATURES_OK | status::DEVICE_NEEDS_RESET)
+                    == status::FEATURES_OK
+                    && self.activate()
+            }
             _ => false,
         };
         if ok {
@@ -250,18 +278,20 @@ impl MmioTransport {
 
     fn activate(&mut self) -> bool {
         let mut device = lock(&self.device);
+        // virtio-queue takes an available ring at address 0 for one never set and yields
+        // nothing from it: a queue the driver made ready without addresses is unusable.
         let valid = device
             .queues()
             .iter()
-            .all(|q| !q.ready() || q.is_valid(self.mem.as_ref()));
+            .all(|q| !q.ready() || (q.is_valid(self.mem.as_ref()) && q.avail_ring() != 0));
         let started = valid
             && device
                 .activate(self.mem.clone(), self.interrupt.clone())
                 .is_ok();
+        drop(device);
         if !started {
             Self::count(&self.counters.activate_failures);
-            self.status |= status::DEVICE_NEEDS_RESET;
-            let _ = self.interrupt.signal_config_change();
+            self.needs_reset();
         }
         started
     }
@@ -278,6 +308,16 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
     }
+}
+
+/// `addr` with its low or (`high`) high 32 bits replaced by `value`.
+fn half(addr: u64, value: u32, high: bool) -> vm_memory::GuestAddress {
+    let value = u64::from(value);
+    vm_memory::GuestAddress(if high {
+        (addr & 0xffff_ffff) | value << 32
+    } else {
+        (addr & !0xffff_ffff) | value
+    })
 }
 
 #[path = "mmio_persist.rs"]
