@@ -64,6 +64,26 @@ pub fn placement() -> Result<Placement, String> {
     }
 }
 
+/// Where the `ember` binary under test is: `EMBER_BIN`, or the release build.
+fn ember_path() -> PathBuf {
+    std::env::var_os("EMBER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/ember"))
+}
+
+/// The `ember` binary alone, for tests that boot no guest (and so need no kernel or
+/// root filesystem), or how to build it.
+pub fn ember_binary() -> Result<PathBuf, String> {
+    let ember = ember_path();
+    if !ember.is_file() {
+        return Err(format!(
+            "{} is missing; run `cargo build --release -p vmm` (or set EMBER_BIN)",
+            ember.display()
+        ));
+    }
+    Ok(ember)
+}
+
 /// The files every VM test needs, at the stable paths `resources/build.sh` writes.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
@@ -78,11 +98,8 @@ pub struct Artifacts {
 impl Artifacts {
     /// Finds the artifacts or says how to build them.
     pub fn locate() -> Result<Self, String> {
-        let root = repo_root();
-        let out = root.join("resources/out");
-        let ember = std::env::var_os("EMBER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target/release/ember"));
+        let out = repo_root().join("resources/out");
+        let ember = ember_path();
         let emberctl = ember.with_file_name("emberctl");
         let found = Self {
             ember,

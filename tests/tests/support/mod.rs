@@ -29,15 +29,22 @@ pub struct Ember {
     pub dir: PathBuf,
     pub sock: PathBuf,
     child: Option<Child>,
-    art: Artifacts,
+    /// None for an ember started without the guest artifacts (`start`).
+    art: Option<Artifacts>,
 }
 
 impl Ember {
     pub fn spawn(dir: &Path, extra: &[&str]) -> Self {
-        fs::create_dir_all(dir).unwrap();
         let art = artifacts();
+        Self::start(&art.ember.clone(), dir, extra, Some(art))
+    }
+
+    /// Starts the `ember` binary at `ember` with `--api-sock` in `dir`; `art`, the guest
+    /// artifacts, are needed only by `emberctl`.
+    pub fn start(ember: &Path, dir: &Path, extra: &[&str], art: Option<Artifacts>) -> Self {
+        fs::create_dir_all(dir).unwrap();
         let sock = dir.join("api.sock");
-        let child = Command::new(&art.ember)
+        let child = Command::new(ember)
             .arg("--api-sock")
             .arg(&sock)
             .args(extra)
@@ -91,15 +98,23 @@ impl Ember {
 
     /// Runs `emberctl --api SOCK ARGS...`; (exit code, stdout, stderr).
     pub fn emberctl(&self, args: &[&str]) -> (i32, String, String) {
-        run(Command::new(&self.art.emberctl)
+        let art = self
+            .art
+            .as_ref()
+            .expect("emberctl needs an ember started with `spawn`");
+        run(Command::new(&art.emberctl)
             .arg("--api")
             .arg(&self.sock)
             .args(args))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// The `Seccomp:` mode from /proc of each of Ember's threads.
     pub fn seccomp_modes(&self) -> Vec<(String, String)> {
-        let pid = self.child.as_ref().unwrap().id();
+        let pid = self.pid();
         let mut modes = Vec::new();
         for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
             // A connection thread may end between the listing and the read.

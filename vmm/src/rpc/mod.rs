@@ -6,6 +6,7 @@
 //! thread: nothing ever arrives on its channel, and the loop serves the VM, its periodic
 //! metrics lines and the last one as the VM ends.
 
+pub mod connections;
 pub mod controller;
 pub mod logger;
 pub mod server;

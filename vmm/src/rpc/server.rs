@@ -1,17 +1,16 @@
 //! The API thread: accepts connections on the API socket, reads HTTP requests
 //! ([`api::http`]), routes them to actions ([`api::requests::route`]), hands each action to
 //! the VMM thread (channel + eventfd) and writes back its answer. A thread serves each
-//! connection so that one idle keep-alive client cannot hold up the others; nothing here
-//! touches the VM.
+//! connection so that one idle keep-alive client cannot hold up the others, and
+//! [`connections`](super::connections) bounds how many are open and how long a request
+//! may take; nothing here touches the VM.
 
 use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use api::http::{Connection, Request, Response};
 use api::requests::{route, Fault, VmmAction, VmmData};
@@ -19,10 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::metrics::ApiCounters;
 
-/// Connections served at once; more are answered with an error and closed.
-pub const MAX_CONNECTIONS: usize = 32;
-/// How long a connection may sit idle (or dribble a request) before it is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+use super::connections::{admit, Admitted, Deadline, Registry};
+pub use super::connections::{MAX_CONNECTIONS, REQUEST_TIMEOUT};
 
 /// Errors setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +48,7 @@ struct Shared {
     requests: Sender<ApiRequest>,
     wake: Arc<EventFd>,
     counters: Arc<ApiCounters>,
-    connections: Arc<AtomicUsize>,
+    connections: Arc<Mutex<Registry>>,
 }
 
 /// Listens on `path`, replacing a stale socket left there by an earlier run.
@@ -77,7 +74,7 @@ pub fn spawn(
         requests,
         wake: Arc::new(wake),
         counters,
-        connections: Arc::new(AtomicUsize::new(0)),
+        connections: Arc::default(),
     };
     // The thread installs its filter before it accepts a client and says how that went.
     let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
@@ -103,45 +100,50 @@ pub fn spawn(
 fn accept_loop(listener: &UnixListener, shared: &Shared) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-            refuse_busy(stream);
-            continue;
-        }
+        let admitted = match admit(&shared.connections, stream) {
+            Ok(admitted) => admitted,
+            Err(stream) => {
+                refuse_busy(stream);
+                continue;
+            }
+        };
         let shared_for_thread = shared.clone();
-        let spawned = std::thread::Builder::new()
+        // A failed spawn drops the closure, and with it the connection and its place.
+        let _ = std::thread::Builder::new()
             .name("ember_api_conn".into())
-            .spawn(move || {
-                serve_connection(stream, &shared_for_thread);
-                shared_for_thread.connections.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-        }
+            .spawn(move || serve_connection(&admitted, &shared_for_thread));
     }
 }
 
 fn refuse_busy(mut stream: UnixStream) {
-    let message =
-        format!("too many API connections (limit {MAX_CONNECTIONS}); close one and retry");
+    let message = format!(
+        "all {MAX_CONNECTIONS} API connections are busy with requests; retry when one is answered"
+    );
     let _ = Response::fault(400, &message).write_to(&mut stream, true);
 }
 
-/// Answers requests on one connection until the client closes it or a request is bad.
-fn serve_connection(stream: UnixStream, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
-    let mut conn = Connection::new(stream);
+/// Answers requests on one connection until the client closes it, a request is bad or
+/// late, or a new client takes the connection's place while it waits for its client.
+fn serve_connection(admitted: &Admitted, shared: &Shared) {
+    // Answers go out as fast as the client takes them, for as long as a request may take.
+    let _ = admitted.stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let mut conn = Connection::new(Deadline::new(&admitted.stream));
     loop {
-        let (response, close) = match conn.read_request() {
+        conn.stream().restart();
+        admitted.set_waiting(true);
+        let request = conn.read_request();
+        admitted.set_waiting(false);
+        let (response, close) = match request {
             Ok(request) => (answer(&request, shared), request.close),
-            // The client hung up (between requests or mid-body): nobody to answer.
+            // The client hung up (between requests or mid-body), or was too slow, or its
+            // connection was given to another client: nobody to answer.
             Err(e) if e.is_disconnect() => return,
             Err(e) => {
                 shared.counters.record(false);
                 (Response::fault(400, &e.to_string()), true)
             }
         };
+        admitted.set_waiting(true);
         if response.write_to(conn.stream(), close).is_err() || close {
             return;
         }

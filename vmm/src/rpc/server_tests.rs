@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 
 use api::client::ApiClient;

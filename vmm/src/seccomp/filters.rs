@@ -302,7 +302,10 @@ const API: &[Allowed] = &[
     // are recvfrom and sendto on x86_64.
     (libc::SYS_recvfrom, Args::Any),
     (libc::SYS_sendto, Args::Any),
-    // The idle timeout of a connection (set_read_timeout, set_write_timeout).
+    // A new client taking the place of the connection that waited longest for its own
+    // client (`rpc::connections`): that connection's socket is shut down.
+    (libc::SYS_shutdown, Args::Any),
+    // The deadline of a request and of its answer (set_read_timeout, set_write_timeout).
     (
         libc::SYS_setsockopt,
         Args::OneOf(2, &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64]),

@@ -5,8 +5,9 @@
 //! Every register access comes from the guest, so nothing here trusts it: accesses of the
 //! wrong width, writes out of sequence (queue set-up after DRIVER_OK, features after
 //! FEATURES_OK) and bad queue selections are ignored and counted; a driver that accepts
-//! features without VERSION_1 never gets FEATURES_OK; a device that cannot start reports
-//! DEVICE_NEEDS_RESET.
+//! features without VERSION_1 never gets FEATURES_OK; a queue size or ring address the queue
+//! cannot take, and a device that cannot start, report DEVICE_NEEDS_RESET, and such a
+//! device stays stopped until the driver resets it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,9 +26,11 @@ const MAGIC: u32 = 0x7472_6976;
 const VERSION_MODERN: u32 = 2;
 /// "EMBR", little endian: the vendor id Ember reports.
 const VENDOR_ID: u32 = 0x5242_4d45;
-const CONFIG_SPACE: u64 = 0x100;
+/// Where the device's configuration space starts in the window.
+pub const CONFIG_SPACE: u64 = 0x100;
 
-mod reg {
+/// Register offsets in the window (virtio spec 4.2.2).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -58,6 +61,8 @@ mod reg {
 pub struct TransportCounters {
     pub bad_access: AtomicU64,
     pub out_of_sequence: AtomicU64,
+    /// Queue sizes or ring addresses the queue could not take.
+    pub bad_queue_config: AtomicU64,
     pub activate_failures: AtomicU64,
 }
 
@@ -134,44 +139,64 @@ impl MmioTransport {
             == status::FEATURES_OK
     }
 
-    fn with_selected_queue(&mut self, f: impl FnOnce(&mut virtio_queue::Queue)) {
+    /// Applies a queue register write to the selected queue; `f` says whether the queue
+    /// took the value. A value it cannot take (a size that is zero, not a power of two or
+    /// over the maximum, a misaligned ring) would leave the device using other rings than
+    /// the driver's: the device then needs a reset and will not start.
+    fn with_selected_queue(&mut self, f: impl FnOnce(&mut virtio_queue::Queue) -> bool) {
         if !self.queue_setup_allowed() {
             Self::count(&self.counters.out_of_sequence);
             return;
         }
         let mut device = lock(&self.device);
-        match device.queues_mut().get_mut(self.queue_sel as usize) {
+        let taken = match device.queues_mut().get_mut(self.queue_sel as usize) {
             Some(queue) => f(queue),
-            None => Self::count(&self.counters.bad_access),
+            None => return Self::count(&self.counters.bad_access),
+        };
+        drop(device);
+        if !taken {
+            Self::count(&self.counters.bad_queue_config);
+            self.needs_reset();
         }
     }
 
+    /// Sets DEVICE_NEEDS_RESET and tells the driver (virtio spec 2.1.2).
+    fn needs_reset(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        // A lost interrupt only delays the driver's look at the status.
+        let _ = self.interrupt.signal_config_change();
+    }
+
     fn write_register(&mut self, offset: u64, value: u32) {
+        // The driver writes each ring address in two halves.
+        let high = matches!(
+            offset,
+            reg::QUEUE_DESC_HIGH | reg::QUEUE_DRIVER_HIGH | reg::QUEUE_DEVICE_HIGH
+        );
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             reg::DRIVER_FEATURES => self.write_driver_features(value),
             reg::QUEUE_SEL => self.queue_sel = value,
-            reg::QUEUE_NUM => self.with_selected_queue(|q| q.set_size(value as u16)),
-            reg::QUEUE_READY => self.with_selected_queue(|q| q.set_ready(value == 1)),
-            reg::QUEUE_DESC_LOW => {
-                self.with_selected_queue(|q| q.set_desc_table_address(Some(value), None))
-            }
-            reg::QUEUE_DESC_HIGH => {
-                self.with_selected_queue(|q| q.set_desc_table_address(None, Some(value)))
-            }
-            reg::QUEUE_DRIVER_LOW => {
-                self.with_selected_queue(|q| q.set_avail_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.with_selected_queue(|q| q.set_avail_ring_address(None, Some(value)))
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.with_selected_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.with_selected_queue(|q| q.set_used_ring_address(None, Some(value)))
-            }
+            reg::QUEUE_NUM => self.with_selected_queue(|q| {
+                u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok())
+            }),
+            reg::QUEUE_READY => self.with_selected_queue(|q| {
+                q.set_ready(value == 1);
+                true
+            }),
+            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => self.with_selected_queue(|q| {
+                let addr = half(q.desc_table(), value, high);
+                q.try_set_desc_table_address(addr).is_ok()
+            }),
+            reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => self.with_selected_queue(|q| {
+                let addr = half(q.avail_ring(), value, high);
+                q.try_set_avail_ring_address(addr).is_ok()
+            }),
+            reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => self.with_selected_queue(|q| {
+                let addr = half(q.used_ring(), value, high);
+                q.try_set_used_ring_address(addr).is_ok()
+            }),
             reg::QUEUE_NOTIFY => self.notify_queue(value),
             reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
             reg::STATUS => self.write_status(value),
@@ -225,7 +250,12 @@ impl MmioTransport {
             status::FEATURES_OK => {
                 self.status == status::ACKNOWLEDGE | status::DRIVER && self.accept_features()
             }
-            status::DRIVER_OK => self.status & status::FEATURES_OK != 0 && self.activate(),
+            // A device that needs a reset (a queue set-up it refused) stays stopped.
+            status::DRIVER_OK => {
+                self.status & (status::FEATURES_OK | status::DEVICE_NEEDS_RESET)
+                    == status::FEATURES_OK
+                    && self.activate()
+            }
             _ => false,
         };
         if ok {
@@ -248,18 +278,20 @@ impl MmioTransport {
 
     fn activate(&mut self) -> bool {
         let mut device = lock(&self.device);
+        // virtio-queue takes an available ring at address 0 for one never set and yields
+        // nothing from it: a queue the driver made ready without addresses is unusable.
         let valid = device
             .queues()
             .iter()
-            .all(|q| !q.ready() || q.is_valid(self.mem.as_ref()));
+            .all(|q| !q.ready() || (q.is_valid(self.mem.as_ref()) && q.avail_ring() != 0));
         let started = valid
             && device
                 .activate(self.mem.clone(), self.interrupt.clone())
                 .is_ok();
+        drop(device);
         if !started {
             Self::count(&self.counters.activate_failures);
-            self.status |= status::DEVICE_NEEDS_RESET;
-            let _ = self.interrupt.signal_config_change();
+            self.needs_reset();
         }
         started
     }
@@ -276,6 +308,16 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
     }
+}
+
+/// `addr` with its low or (`high`) high 32 bits replaced by `value`.
+fn half(addr: u64, value: u32, high: bool) -> vm_memory::GuestAddress {
+    let value = u64::from(value);
+    vm_memory::GuestAddress(if high {
+        (addr & 0xffff_ffff) | value << 32
+    } else {
+        (addr & !0xffff_ffff) | value
+    })
 }
 
 #[path = "mmio_persist.rs"]
@@ -316,11 +358,12 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::block::{Block, DriveSpec};
+    use crate::devices::virtio::test_support::MmioDriver;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     struct Rig {
-        transport: MmioTransport,
+        driver: MmioDriver,
         block: Arc<Mutex<Block>>,
     }
 
@@ -338,30 +381,23 @@ mod tests {
             Arc::new(crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         Rig {
-            transport: MmioTransport::new(block.clone(), mem, interrupt),
+            driver: MmioDriver::new(MmioTransport::new(block.clone(), mem, interrupt)),
             block,
         }
     }
 
     impl Rig {
         fn read(&mut self, offset: u64) -> u32 {
-            let mut data = [0u8; 4];
-            self.transport.read(offset, &mut data);
-            u32::from_le_bytes(data)
+            self.driver.read(offset)
         }
         fn write(&mut self, offset: u64, value: u32) {
-            self.transport.write(offset, &value.to_le_bytes());
+            self.driver.write(offset, value);
         }
         fn negotiate(&mut self, features_high: u32) {
-            self.write(reg::STATUS, status::ACKNOWLEDGE);
-            self.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-            self.write(reg::DRIVER_FEATURES_SEL, 1);
-            self.write(reg::DRIVER_FEATURES, features_high);
-            self.write(
-                reg::STATUS,
-                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-            );
+            self.driver.negotiate(u64::from(features_high) << 32);
         }
+        /// Queue 0 with 16 entries, its parts a page apart from `desc` (which may lie
+        /// outside guest memory).
         fn setup_queue(&mut self, desc: u32) {
             self.write(reg::QUEUE_SEL, 0);
             self.write(reg::QUEUE_NUM, 16);
@@ -371,9 +407,17 @@ mod tests {
             self.write(reg::QUEUE_READY, 1);
         }
         fn out_of_sequence(&self) -> u64 {
-            self.transport
+            self.driver
+                .transport
                 .counters
                 .out_of_sequence
+                .load(Ordering::Relaxed)
+        }
+        fn bad_access(&self) -> u64 {
+            self.driver
+                .transport
+                .counters
+                .bad_access
                 .load(Ordering::Relaxed)
         }
     }
@@ -390,9 +434,9 @@ mod tests {
         assert_eq!(r.read(reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
         assert_eq!(r.read(reg::QUEUE_NUM_MAX), 256);
         let mut narrow = [0xffu8; 2];
-        r.transport.read(reg::MAGIC, &mut narrow);
+        r.driver.transport.read(reg::MAGIC, &mut narrow);
         assert_eq!(narrow, [0, 0]);
-        assert_eq!(r.transport.counters.bad_access.load(Ordering::Relaxed), 1);
+        assert_eq!(r.bad_access(), 1);
     }
 
     #[test]
@@ -496,6 +540,6 @@ mod tests {
         assert_ne!(r.read(reg::STATUS) & status::FAILED, 0);
         r.write(reg::QUEUE_NOTIFY, 9);
         r.write(0x0c8, 1);
-        assert!(r.transport.counters.bad_access.load(Ordering::Relaxed) >= 2);
+        assert!(r.bad_access() >= 2);
     }
 }

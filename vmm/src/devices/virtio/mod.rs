@@ -11,6 +11,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+#[doc(hidden)]
+pub mod test_support;
 pub mod vsock;
 
 use std::os::fd::AsRawFd;
@@ -21,6 +23,7 @@ use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::vstate::memory::GuestMemoryMmap;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
@@ -302,6 +305,41 @@ pub trait VirtioDevice: Send {
         common.active = None;
         common.acked_features = 0;
         self.reset_device();
+    }
+}
+
+/// A descriptor chain's descriptors that remembers whether the chain was cut short.
+/// virtio-queue ends a chain without an error when it loops past the ring's size, names a
+/// next index outside its table, has a descriptor outside memory, or adds up to more than
+/// 4 GiB; what it yielded until then is not what the driver wrote (a loop repeats buffers,
+/// and the last one yielded need not be the status or end of a packet), so devices refuse
+/// a chain whose last descriptor still points at a next one.
+pub struct WholeChain<I> {
+    descriptors: I,
+    cut: bool,
+}
+
+impl<I: Iterator<Item = Descriptor>> WholeChain<I> {
+    pub fn new(descriptors: I) -> Self {
+        Self {
+            descriptors,
+            cut: false,
+        }
+    }
+
+    /// Once the descriptors are exhausted: true when the last one had NEXT set.
+    pub fn was_cut(&self) -> bool {
+        self.cut
+    }
+}
+
+impl<I: Iterator<Item = Descriptor>> Iterator for WholeChain<I> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        let desc = self.descriptors.next()?;
+        self.cut = desc.has_next();
+        Some(desc)
     }
 }
 

@@ -4,11 +4,13 @@
 //! The chain comes from the guest and is checked before any I/O: header readable and 16
 //! bytes, data buffers in the direction the request type needs, non-empty and inside guest
 //! memory, the byte range inside the disk, status byte writable. A request that fails these
-//! checks gets IOERR (UNSUPP for unknown types) in its status byte when it has one.
+//! checks gets IOERR (UNSUPP for unknown types) in its status byte when it has one. A chain
+//! cut short (a loop, a next index outside the ring) has none the device can trust.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 
+use crate::devices::virtio::WholeChain;
 use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -42,6 +44,8 @@ pub enum RequestKind {
 pub enum RequestError {
     #[error("the chain has fewer than two descriptors")]
     TooShort,
+    #[error("the chain was cut short: it loops, leaves the ring or passes 4 GiB")]
+    ChainCut,
     #[error("the header descriptor is device-writable")]
     HeaderWritable,
     #[error("the header descriptor holds {0} bytes, fewer than 16")]
@@ -90,14 +94,19 @@ impl Request {
     /// Parses and checks a chain against guest memory and a disk of `capacity` sectors.
     pub fn parse(chain: DescriptorChain<&GuestMemoryMmap>, capacity: u64) -> ParseResult {
         let mem = chain.memory();
-        let descs: Vec<Desc> = chain
-            .clone()
+        let mut whole = WholeChain::new(chain.clone());
+        let descs: Vec<Desc> = whole
+            .by_ref()
             .map(|d| Desc {
                 addr: d.addr(),
                 len: d.len(),
                 writable: d.is_write_only(),
             })
             .collect();
+        // Its last descriptor is not the status byte the driver meant: nowhere to report.
+        if whole.was_cut() {
+            return Err((RequestError::ChainCut, None));
+        }
         // Where an error can be reported: a writable, non-empty last descriptor.
         let status = descs
             .last()

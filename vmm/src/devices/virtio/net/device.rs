@@ -19,7 +19,8 @@ use vm_memory::Bytes;
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    read_config_bytes, SetupError, VirtioCommon, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    read_config_bytes, SetupError, VirtioCommon, VirtioDevice, WholeChain, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 
 pub const RX: usize = 0;
@@ -237,14 +238,16 @@ fn scatter(
 }
 
 /// Collects the chain's driver-readable buffers into `frame`; None if the chain has a
-/// writable buffer, lies outside memory, or exceeds `frame`.
+/// writable buffer, lies outside memory, exceeds `frame`, or was cut short (a loop would
+/// send its buffers again and again as one frame).
 fn gather(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     frame: &mut [u8],
 ) -> Option<usize> {
     let mut len = 0usize;
-    for desc in chain {
+    let mut descriptors = WholeChain::new(chain);
+    for desc in &mut descriptors {
         let n = desc.len() as usize;
         if desc.is_write_only() || len + n > frame.len() {
             return None;
@@ -252,7 +255,7 @@ fn gather(
         mem.read_slice(&mut frame[len..len + n], desc.addr()).ok()?;
         len += n;
     }
-    Some(len)
+    (!descriptors.was_cut()).then_some(len)
 }
 
 impl<B: FrameBackend> VirtioDevice for Net<B> {
@@ -288,15 +291,8 @@ mod tests {
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
-    /// A datagram socket keeps frame boundaries, like a TAP.
-    impl FrameBackend for UnixDatagram {
-        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.recv(buf)
-        }
-        fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
-            self.send(frame)
-        }
-    }
+    // The backend is a datagram socket (devices::virtio::test_support), which keeps frame
+    // boundaries like a TAP.
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;

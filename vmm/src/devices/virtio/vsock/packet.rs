@@ -7,8 +7,10 @@
 //! guest's own cid to the host, only known operations, and no payload on control packets.
 //! Faults found after the addresses checked out carry the header, so that the connection it
 //! names can be reset. A receive chain must be device-writable and inside guest memory, with
-//! room for the header. Chains longer than the ring are refused, which also ends loops.
+//! room for the header. Chains longer than the ring or cut short (a loop, a next index
+//! outside the ring) are refused.
 
+use crate::devices::virtio::WholeChain;
 use crate::vstate::memory::GuestMemoryMmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -125,6 +127,8 @@ impl Header {
 pub enum PacketError {
     #[error("the chain has more than {MAX_DESCRIPTORS} descriptors")]
     TooManyDescriptors,
+    #[error("the chain was cut short: it loops or leaves the ring")]
+    ChainCut,
     #[error("a transmit descriptor is device-writable")]
     WritableInTx,
     #[error("a receive descriptor is driver-readable")]
@@ -168,6 +172,7 @@ impl PacketError {
         matches!(
             self,
             PacketError::TooManyDescriptors
+                | PacketError::ChainCut
                 | PacketError::WritableInTx
                 | PacketError::ReadableInRx
                 | PacketError::OutsideMemory
@@ -214,7 +219,8 @@ impl Segments {
     {
         self.list.clear();
         self.total = 0;
-        for desc in chain {
+        let mut descriptors = WholeChain::new(chain);
+        for desc in &mut descriptors {
             if self.list.len() == MAX_DESCRIPTORS {
                 return Err(PacketError::TooManyDescriptors);
             }
@@ -230,6 +236,9 @@ impl Segments {
             self.list.push((desc.addr(), len));
             // At most 256 lengths below 2^32 each: no overflow in a 64-bit usize.
             self.total += len;
+        }
+        if descriptors.was_cut() {
+            return Err(PacketError::ChainCut);
         }
         Ok(())
     }

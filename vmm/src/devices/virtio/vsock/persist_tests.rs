@@ -37,13 +37,11 @@ impl Guest<'_> {
     /// re-posted, then the event queue is kicked. Returns the event ids too.
     fn take_events(&mut self, seen: &mut u16) -> (Vec<u32>, Vec<SockKey>) {
         let (mut ids, mut dropped) = (Vec::new(), Vec::new());
-        while *seen != self.ev.used().idx().load() {
-            let used = self.ev.used();
-            let elem = used.ring().ref_at(usize::from(*seen % QUEUE_SIZE)).unwrap();
-            let elem = elem.load();
+        while *seen != self.ev.used_idx() {
+            let elem = self.ev.used_elem(*seen);
             *seen = seen.wrapping_add(1);
-            let id = elem.id() as u16;
-            if elem.len() == EVENT_LEN {
+            let id = elem.id as u16;
+            if elem.len == EVENT_LEN {
                 let event: u32 = self.mem.read_obj(GuestAddress(event_buffer(id))).unwrap();
                 ids.push(event);
                 if event == 0 {
@@ -148,9 +146,9 @@ fn a_restored_device_resets_the_guests_connections_and_keeps_its_listeners() {
     assert!(drain(&mut old_host, &mut sink), "host service closed");
     assert_eq!(w.connections(), 0);
     // The reset is in the guest's first event buffer, at once.
-    assert_eq!(w.guest.ev.used().idx().load(), 1);
-    let elem = w.guest.ev.used().ring().ref_at(0).unwrap().load();
-    assert_eq!((elem.id(), elem.len()), (0, EVENT_LEN));
+    assert_eq!(w.guest.ev.used_idx(), 1);
+    let elem = w.guest.ev.used_elem(0);
+    assert_eq!((elem.id, elem.len), (0, EVENT_LEN));
     assert_eq!(w.counters().transport_resets.load(Ordering::Relaxed), 1);
 
     // A host client connecting now waits until the guest has handled the reset.
@@ -199,14 +197,14 @@ fn the_reset_waits_for_an_event_buffer_and_then_for_the_guest() {
     let mut w = World::new("snap-nobuf", &mem);
     w.guest.listening.insert(1024);
     let (mut w, _) = restore_world(w, &mem, "snap-nobuf2");
-    assert_eq!(w.guest.ev.used().idx().load(), 0, "no buffer, no event");
+    assert_eq!(w.guest.ev.used_idx(), 0, "no buffer, no event");
     assert!(reset_pending(&w));
     // The guest offers a buffer: the event goes into it, and the kick that offered it is
     // not taken for the guest having handled the event.
     w.guest.post_event_buffers(1);
     w.guest.kick(EVQ);
     w.step();
-    assert_eq!(w.guest.ev.used().idx().load(), 1);
+    assert_eq!(w.guest.ev.used_idx(), 1);
     assert!(reset_pending(&w));
     let mut client = w.host_connect(1024);
     for _ in 0..10 {
@@ -236,11 +234,11 @@ fn unusable_event_buffers_are_skipped() {
     mem.write_obj(0xffff_ffffu32, GuestAddress(event_buffer(3)))
         .unwrap();
     let (w, _) = restore_world(w, &mem, "snap-badbuf2");
-    assert_eq!(w.guest.ev.used().idx().load(), 4);
+    assert_eq!(w.guest.ev.used_idx(), 4);
     let lens: Vec<(u32, u32)> = (0..4)
         .map(|i| {
-            let e = w.guest.ev.used().ring().ref_at(i).unwrap().load();
-            (e.id(), e.len())
+            let e = w.guest.ev.used_elem(i);
+            (e.id, e.len)
         })
         .collect();
     assert_eq!(lens, vec![(0, 0), (1, 0), (2, 0), (3, EVENT_LEN)]);
@@ -274,7 +272,7 @@ fn a_guest_that_never_answers_is_waited_for_a_bounded_time_once_it_runs() {
     assert!(device.transport_reset_pending());
     w.guest.post_event_buffers(1);
     assert!(device.process_evq());
-    assert_eq!(w.guest.ev.used().idx().load(), 1);
+    assert_eq!(w.guest.ev.used_idx(), 1);
     assert!(!device.rx_held());
     device.guest_kicked(EVQ, t0 + 2 * RESET_ACK_TIMEOUT);
     assert!(!device.transport_reset_pending());
@@ -286,7 +284,7 @@ fn a_delivered_reset_the_guest_never_acknowledges_is_given_up_on() {
     let w = World::new("snap-noack", &mem);
     w.guest.post_event_buffers(2);
     let (w, _) = restore_world(w, &mem, "snap-noack2");
-    assert_eq!(w.guest.ev.used().idx().load(), 1, "delivered");
+    assert_eq!(w.guest.ev.used_idx(), 1, "delivered");
     let mut device = w.vsock.lock().unwrap();
     let t0 = Instant::now();
     device.guest_kicked(TX, t0);

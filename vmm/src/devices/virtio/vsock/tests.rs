@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::vstate::memory::GuestMemoryMmap;
 use event_manager::{EventManager, SubscriberOps};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,6 +23,7 @@ use super::connection::DRAIN_TIMEOUT;
 use super::muxer::{Muxer, Watcher, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 use super::packet::{Header, Op, HEADER_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::{Vsock, VsockCounters, VsockSpec, EVQ, HOST_CID, QUEUE_SIZE, RX, TX};
+use crate::devices::virtio::test_support::Ring;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 
 const GUEST_CID: u64 = 3;
@@ -100,61 +99,6 @@ impl GuestSocket {
 
 type SockKey = (u32, u32);
 
-/// One split ring from the mock's parts. `MockSplitQueue` itself places its used ring
-/// inside its avail ring (its `end()` counts entries, not bytes), which a test that cycles
-/// through the whole ring runs into; here each part gets its own page.
-struct Ring<'m> {
-    base: u64,
-    desc: DescriptorTable<'m, GuestMemoryMmap>,
-    avail: AvailRing<'m, GuestMemoryMmap>,
-    used: UsedRing<'m, GuestMemoryMmap>,
-}
-
-impl<'m> Ring<'m> {
-    fn new(mem: &'m GuestMemoryMmap, base: u64) -> Self {
-        Self {
-            base,
-            desc: DescriptorTable::new(mem, GuestAddress(base), QUEUE_SIZE),
-            avail: AvailRing::new(mem, GuestAddress(base + 0x1000), QUEUE_SIZE),
-            used: UsedRing::new(mem, GuestAddress(base + 0x2000), QUEUE_SIZE),
-        }
-    }
-
-    fn used(&self) -> &UsedRing<'m, GuestMemoryMmap> {
-        &self.used
-    }
-
-    /// Writes descriptor `id`.
-    fn store(&self, id: u16, desc: Descriptor) {
-        self.desc.store(id, RawDescriptor::from(desc)).unwrap();
-    }
-
-    /// Makes the chain starting at descriptor `head` available to the device.
-    fn offer(&self, head: u16) {
-        let idx = self.avail.idx().load();
-        self.avail
-            .ring()
-            .ref_at(usize::from(idx % QUEUE_SIZE))
-            .unwrap()
-            .store(head);
-        self.avail.idx().store(idx.wrapping_add(1));
-    }
-
-    fn create_queue(&self) -> Queue {
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-        let (lo, hi) = split(self.base);
-        q.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(self.base + 0x1000);
-        q.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(self.base + 0x2000);
-        q.set_used_ring_address(lo, hi);
-        q.set_size(QUEUE_SIZE);
-        q.set_ready(true);
-        q
-    }
-}
-
 /// The guest's virtio-vsock driver.
 struct Guest<'m> {
     mem: &'m GuestMemoryMmap,
@@ -178,9 +122,9 @@ impl<'m> Guest<'m> {
     fn new(mem: &'m GuestMemoryMmap) -> Self {
         Self {
             mem,
-            rx: Ring::new(mem, RX_RING),
-            tx: Ring::new(mem, TX_RING),
-            ev: Ring::new(mem, EV_RING),
+            rx: Ring::new(mem, RX_RING, QUEUE_SIZE),
+            tx: Ring::new(mem, TX_RING, QUEUE_SIZE),
+            ev: Ring::new(mem, EV_RING, QUEUE_SIZE),
             rx_seen: 0,
             tx_seen: 0,
             tx_free: (0..TX_SLOTS).rev().collect(),
@@ -240,15 +184,9 @@ impl<'m> Guest<'m> {
     }
 
     fn reclaim_tx(&mut self) {
-        while self.tx_seen != self.tx.used().idx().load() {
-            let elem = self
-                .tx
-                .used()
-                .ring()
-                .ref_at(usize::from(self.tx_seen % QUEUE_SIZE))
-                .unwrap()
-                .load();
-            self.tx_free.push(elem.id() as u16 / 2);
+        while self.tx_seen != self.tx.used_idx() {
+            let elem = self.tx.used_elem(self.tx_seen);
+            self.tx_free.push(elem.id as u16 / 2);
             self.tx_seen = self.tx_seen.wrapping_add(1);
         }
     }
@@ -293,26 +231,20 @@ impl<'m> Guest<'m> {
     /// Takes what the device put in the receive ring, reposts the buffers, answers, sends.
     fn pump(&mut self) {
         let mut reposted = false;
-        while self.rx_seen != self.rx.used().idx().load() {
-            let elem = self
-                .rx
-                .used()
-                .ring()
-                .ref_at(usize::from(self.rx_seen % QUEUE_SIZE))
-                .unwrap()
-                .load();
+        while self.rx_seen != self.rx.used_idx() {
+            let elem = self.rx.used_elem(self.rx_seen);
             self.rx_seen = self.rx_seen.wrapping_add(1);
-            let addr = RX_BUFS + u64::from(elem.id()) * 0x2000;
+            let addr = RX_BUFS + u64::from(elem.id) * 0x2000;
             let mut raw = [0u8; HEADER_LEN];
             self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
             let h = Header::from_bytes(&raw);
-            assert_eq!(elem.len(), HEADER_LEN as u32 + h.len, "used length");
+            assert_eq!(elem.len, HEADER_LEN as u32 + h.len, "used length");
             let mut data = vec![0u8; h.len as usize];
             self.mem
                 .read_slice(&mut data, GuestAddress(addr + HEADER_LEN as u64))
                 .unwrap();
             self.on_packet(h, data);
-            self.post_rx(elem.id() as u16);
+            self.post_rx(elem.id as u16);
             reposted = true;
         }
         if reposted {
@@ -823,7 +755,7 @@ fn host_data_waits_for_guest_credit() {
         written > GUEST_BUF_ALLOC as usize,
         "the host wrote more than the credit"
     );
-    let delivered = w.guest.rx.used().idx().load().wrapping_sub(w.guest.rx_seen);
+    let delivered = w.guest.rx.used_idx().wrapping_sub(w.guest.rx_seen);
     assert_eq!(
         u32::from(delivered) * 4096,
         GUEST_BUF_ALLOC,
