@@ -8,6 +8,16 @@
 //! moment, loadable with the diff's state file. The diff must still be sparse: a copy that
 //! filled its holes (`cp --sparse=never`, some transfer tools) would overwrite the base with
 //! zeros. Ember itself refuses to write a diff on a file system that does not keep holes.
+//!
+//! # Which state file a memory file belongs to
+//!
+//! Ember tags each memory file it writes with the checksum of the state file written with
+//! it, in the extended attribute [`PAIR_TAG_XATTR`], and refuses to load a state file with a
+//! memory file tagged for another. That catches a pair broken by a crash between the two
+//! renames of a save, files from two snapshots mixed up, and a base loaded with its own
+//! state after a diff was merged into it. A merge moves the diff's tag onto the base (the
+//! merged file is the diff's memory now). A file system without extended attributes, or a
+//! copy that drops them, leaves the file untagged, and an untagged file is not checked.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -45,6 +55,91 @@ pub enum MergeError {
     Write(PathBuf, io::Error),
     #[error("cannot flush base memory file {0} to disk: {1}")]
     Sync(PathBuf, io::Error),
+    #[error("cannot move the state file tag of diff memory file {diff} onto base memory file {base}: {source}; the base is merged but would be refused with the diff's state file: merge again")]
+    Tag {
+        base: PathBuf,
+        diff: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// The extended attribute that names the state file a memory file was written with: the
+/// state file's checksum, as 16 hexadecimal digits.
+pub const PAIR_TAG_XATTR: &str = "user.ember.state-checksum";
+
+/// Tags `file` with `checksum` (see the module docs). Returns false, having done nothing,
+/// where the file system keeps no extended attributes.
+pub fn set_pair_tag(file: &File, checksum: u64) -> io::Result<bool> {
+    let value = format!("{checksum:016x}");
+    let name = xattr_name();
+    // SAFETY: fsetxattr reads the NUL-terminated name and `value.len()` bytes of `value`,
+    // both alive for the call, on a descriptor `file` owns.
+    let r = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error() {
+        e if unsupported(&e) => Ok(false),
+        e => Err(e),
+    }
+}
+
+/// The checksum `file` is tagged with; None for an untagged file (or one on a file system
+/// without extended attributes). A tag that does not parse reads as untagged.
+pub fn pair_tag(file: &File) -> io::Result<Option<u64>> {
+    let mut value = [0u8; 32];
+    let name = xattr_name();
+    // SAFETY: fgetxattr writes at most `value.len()` bytes into `value`, which outlives the
+    // call, and reads the NUL-terminated name.
+    let n = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    let Ok(n) = usize::try_from(n) else {
+        return match io::Error::last_os_error() {
+            e if unsupported(&e) || e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+            // Longer than any tag Ember writes: not one of them.
+            e if e.raw_os_error() == Some(libc::ERANGE) => Ok(None),
+            e => Err(e),
+        };
+    };
+    Ok(std::str::from_utf8(&value[..n])
+        .ok()
+        .and_then(|text| u64::from_str_radix(text, 16).ok()))
+}
+
+/// Removes `file`'s tag, if it has one.
+fn remove_pair_tag(file: &File) -> io::Result<()> {
+    let name = xattr_name();
+    // SAFETY: fremovexattr reads the NUL-terminated name on a descriptor `file` owns.
+    if unsafe { libc::fremovexattr(file.as_raw_fd(), name.as_ptr()) } == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        e if unsupported(&e) || e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+        e => Err(e),
+    }
+}
+
+fn xattr_name() -> std::ffi::CString {
+    // The constant holds no NUL byte.
+    std::ffi::CString::new(PAIR_TAG_XATTR).unwrap_or_default()
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
 
 /// What a merge did.
@@ -97,6 +192,17 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<MergeStats, MergeError> {
         stats.bytes += end - start;
         stats.regions += 1;
     }
+    // The base now holds the diff's memory: it belongs to the diff's state file.
+    let tagged = match pair_tag(&diff_file) {
+        Ok(Some(checksum)) => set_pair_tag(&base_file, checksum).map(|_| ()),
+        Ok(None) => remove_pair_tag(&base_file),
+        Err(e) => Err(e),
+    };
+    tagged.map_err(|source| MergeError::Tag {
+        base: base.into(),
+        diff: diff.into(),
+        source,
+    })?;
     base_file
         .sync_all()
         .map_err(|e| MergeError::Sync(base.into(), e))?;
@@ -209,6 +315,65 @@ mod tests {
         );
         // A page the diff wrote as zeros is data: it overwrites the base.
         assert_eq!(pages_of(&base), [1, 0xa1, 0xa2, 4, 5, 6, 0, 8]);
+    }
+
+    /// A temporary directory whose file system keeps user extended attributes: the system's
+    /// temporary directory, or, where that is a tmpfs without them (before Linux 6.6), one
+    /// in this crate's directory.
+    fn tag_dir() -> tempfile::TempDir {
+        for parent in [
+            std::env::temp_dir(),
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        ] {
+            let dir = tempfile::tempdir_in(parent).unwrap();
+            let probe = File::create(dir.path().join("probe")).unwrap();
+            if set_pair_tag(&probe, 1).unwrap() {
+                return dir;
+            }
+        }
+        panic!("neither the temporary directory nor the source tree keeps user extended attributes: run the tests on ext4, xfs or btrfs")
+    }
+
+    #[test]
+    fn merging_moves_the_diffs_tag_onto_the_base() {
+        let dir = tag_dir();
+        let (base, diff) = (dir.path().join("base.mem"), dir.path().join("diff.mem"));
+        sparse(&base, 4, &[(0, 1)]);
+        sparse(&diff, 4, &[(1, 2)]);
+        set_pair_tag(&File::open(&base).unwrap(), 0xba5e).unwrap();
+        set_pair_tag(&File::open(&diff).unwrap(), 0xd1ff).unwrap();
+        merge_diff(&base, &diff).unwrap();
+        assert_eq!(pair_tag(&File::open(&base).unwrap()).unwrap(), Some(0xd1ff));
+        // An untagged diff (copied without its attributes) leaves the base untagged: it no
+        // longer holds what its old tag says.
+        let untagged = dir.path().join("untagged.mem");
+        sparse(&untagged, 4, &[(2, 3)]);
+        merge_diff(&base, &untagged).unwrap();
+        assert_eq!(pair_tag(&File::open(&base).unwrap()).unwrap(), None);
+        assert_eq!(pages_of(&base), [1, 2, 3, 0]);
+    }
+
+    #[test]
+    fn tags_that_ember_did_not_write_read_as_untagged() {
+        let dir = tag_dir();
+        let path = dir.path().join("m.mem");
+        let file = File::create(&path).unwrap();
+        assert_eq!(pair_tag(&file).unwrap(), None);
+        let name = xattr_name();
+        for value in [&b"not hex"[..], &[b'f'; 40][..]] {
+            // SAFETY: as in set_pair_tag; `value` outlives the call.
+            let r = unsafe {
+                libc::fsetxattr(
+                    file.as_raw_fd(),
+                    name.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            };
+            assert_eq!(r, 0, "{}", io::Error::last_os_error());
+            assert_eq!(pair_tag(&file).unwrap(), None);
+        }
     }
 
     #[test]

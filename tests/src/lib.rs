@@ -686,7 +686,17 @@ fn spawn_virtiofsd(socket: &Path, dir: &Path) -> Result<Child, String> {
         .map_err(|e| format!("cannot create virtiofsd.log: {e}"))?;
     Command::new("/usr/lib/qemu/virtiofsd")
         .arg(format!("--socket-path={}", socket.display()))
-        .args(["-o", "source=/", "-o", "cache=auto", "-o", "sandbox=chroot"])
+        // xattr: snapshot memory files carry a tag naming their state file.
+        .args([
+            "-o",
+            "source=/",
+            "-o",
+            "cache=auto",
+            "-o",
+            "sandbox=chroot",
+            "-o",
+            "xattr",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -85,6 +85,23 @@ fn damaged_snapshots_are_refused(vm: &Ember, state: &Path, mem: &Path, uds: &Pat
         load_body(state, &short_mem, uds, None),
     );
     assert!(message.contains("pass the memory file saved"), "{message}");
+    // A memory file of the right size tagged for another state file: one from another
+    // snapshot, or left by a save interrupted between its two renames.
+    let tag = api::memfile::pair_tag(&fs::File::open(mem).unwrap()).unwrap();
+    let tag = tag.expect("the memory file carries no state file tag");
+    let other_mem = mem.with_file_name("other.mem");
+    fs::copy(mem, &other_mem).unwrap();
+    api::memfile::set_pair_tag(&fs::File::open(&other_mem).unwrap(), tag ^ 1).unwrap();
+    let message = vm.refused(
+        "PUT",
+        "/snapshot/load",
+        load_body(state, &other_mem, uds, None),
+    );
+    assert!(
+        message.contains("was written with another state file"),
+        "{message}"
+    );
+    fs::remove_file(&other_mem).unwrap();
     assert_eq!(vm.state(), "Not started");
     assert!(!uds.exists(), "a refused load left its vsock socket behind");
 }

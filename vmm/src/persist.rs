@@ -56,8 +56,8 @@ use crate::devices::legacy::{
 use crate::devices::virtio::block::Block;
 use crate::metrics::{DeviceCounters, VcpuExitCounters};
 use crate::snapshot::{
-    checksum, decode_exact, encode, load_state_with, prepare_file, LoadedState, Persist,
-    SnapshotError,
+    checksum, decode_exact, encode, load_state_with, prepare_file, stored_checksum, LoadedState,
+    Persist, SnapshotError,
 };
 use crate::vstate::dirty::{self, DirtyError, DirtyPages};
 use crate::vstate::kvm::{open_kvm, KvmVm};
@@ -117,6 +117,34 @@ pub struct PageSample {
     pub offset: u64,
     /// CRC-64/XZ of the page's [`memory::PAGE_SIZE`] bytes.
     pub crc: u64,
+}
+
+/// Refuses a memory file tagged with another state file's checksum (see `api::memfile`);
+/// an untagged one passes.
+fn check_pair(
+    loaded: &LoadedState<MicrovmState>,
+    mem_file: &File,
+    mem_path: &Path,
+) -> Result<(), PersistError> {
+    let tagged = api::memfile::pair_tag(mem_file)
+        .map_err(|e| PersistError::ReadMemory(mem_path.to_path_buf(), e))?;
+    match tagged {
+        Some(tagged) if tagged != loaded.checksum => Err(PersistError::OtherState {
+            state: loaded.path.clone(),
+            mem: mem_path.to_path_buf(),
+            tagged,
+            expected: loaded.checksum,
+            hint: match loaded.state.memory_file {
+                MemoryFileKind::Diff { .. } => {
+                    " (for a Diff snapshot: merge its memory file onto this one first, with emberctl snapshot merge)"
+                }
+                MemoryFileKind::Full => {
+                    " (a diff merged into it since, or a save interrupted between its two renames)"
+                }
+            },
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// How many clean pages a diff snapshot samples.
@@ -186,6 +214,14 @@ pub enum PersistError {
     DirtyPages(DirtyError),
     #[error("cannot read memory file {0}: {1}")]
     ReadMemory(PathBuf, std::io::Error),
+    #[error("memory file {mem} was written with another state file than {state} (its tag names state checksum {tagged:#018x}, this state file's is {expected:#018x}){hint}; load each memory file with the state file saved with it")]
+    OtherState {
+        state: PathBuf,
+        mem: PathBuf,
+        tagged: u64,
+        expected: u64,
+        hint: &'static str,
+    },
     #[error("snapshot state {state} is a Diff snapshot and memory file {mem} does not hold the pages the diff left out (the page at offset {offset:#x} differs): merge the diff memory file onto the memory file of the snapshot it follows (emberctl snapshot merge --base BASE_MEM --diff DIFF_MEM) and load the merged file")]
     DiffNotMerged {
         state: PathBuf,
@@ -258,9 +294,12 @@ impl Vmm {
             state.memory_file = MemoryFileKind::Diff { samples };
         }
         let bytes = encode(&state, mem_size).map_err(PersistError::Write)?;
-        let mem_file = prepare_file(mem_path, |file| match diff {
-            Some(dirty) => dirty::write_diff(&self.guest_memory, dirty, file),
-            None => memory::dump(&self.guest_memory, file),
+        let mem_file = prepare_file(mem_path, |file| {
+            match diff {
+                Some(dirty) => dirty::write_diff(&self.guest_memory, dirty, file)?,
+                None => memory::dump(&self.guest_memory, file)?,
+            }
+            api::memfile::set_pair_tag(file, stored_checksum(&bytes)).map(|_| ())
         })
         .map_err(PersistError::Write)?;
         let state_file =
@@ -328,6 +367,7 @@ impl Vmm {
         if let MemoryFileKind::Diff { samples } = &loaded.state.memory_file {
             check_diff_merged(samples, &mem_file, &loaded.path, mem_path)?;
         }
+        check_pair(&loaded, &mem_file, mem_path)?;
         let overrides = DeviceOverrides {
             host_dev_names: params
                 .network_overrides

@@ -290,6 +290,10 @@ const VMM: &[Allowed] = &[
     // Diff snapshot create: the memory file gets its full size before the dirty pages are
     // written into it (the rest stays holes).
     (libc::SYS_ftruncate, Args::Any),
+    // Snapshot create tags the memory file with its state file's checksum; snapshot load
+    // reads the tag (`api::memfile::set_pair_tag`, `pair_tag`).
+    (libc::SYS_fsetxattr, Args::Any),
+    (libc::SYS_fgetxattr, Args::Any),
 ];
 
 /// The API thread (`rpc::server`): accepts clients on the bound API socket and serves each

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::format::{check_header, decode_exact, decode_with, encode, Header, HEADER_LEN};
+use super::format::{
+    check_header, decode_exact, decode_with, encode, stored_checksum, Header, HEADER_LEN,
+};
 use super::SnapshotError;
 
 /// A state file that passed every check, with its decoded state.
@@ -21,6 +23,8 @@ pub struct LoadedState<T> {
     pub path: PathBuf,
     /// Its header: format version, memory file size, payload length.
     pub header: Header,
+    /// Its checksum, which tags the memory file saved with it (see `api::memfile`).
+    pub checksum: u64,
     /// The decoded state.
     pub state: T,
 }
@@ -86,6 +90,7 @@ pub fn load_state_with<T>(
     Ok(LoadedState {
         path: path.to_path_buf(),
         header,
+        checksum: stored_checksum(&bytes),
         state,
     })
 }

@@ -71,6 +71,14 @@ impl Header {
     }
 }
 
+/// The checksum stored at the end of a state file image made by [`encode`] (or checked by
+/// [`decode`]): what tags the memory file saved with it (see `api::memfile`).
+pub fn stored_checksum(image: &[u8]) -> u64 {
+    image
+        .last_chunk::<CRC>()
+        .map_or(0, |stored| u64::from_le_bytes(*stored))
+}
+
 /// The CRC-64/XZ of `bytes`, as the state file's checksum computes it.
 pub fn checksum(bytes: &[u8]) -> u64 {
     CRC64.checksum(bytes)

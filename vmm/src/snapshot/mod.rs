@@ -81,8 +81,8 @@ pub use file::{
     write_file_atomically, LoadedState, PreparedFile,
 };
 pub use format::{
-    checksum, decode, decode_exact, decode_with, encode, Header, CRC_LEN, FORMAT_VERSION,
-    HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN, SUPPORTED_VERSIONS,
+    checksum, decode, decode_exact, decode_with, encode, stored_checksum, Header, CRC_LEN,
+    FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN, SUPPORTED_VERSIONS,
 };
 
 /// Saving and restoring one stateful part of a microVM (a device, the VM, a vCPU, the whole
