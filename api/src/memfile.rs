@@ -47,6 +47,10 @@ pub enum MergeError {
         diff: PathBuf,
         diff_len: u64,
     },
+    #[error("base memory file {0} is in use by a VM loaded from it (a running ember maps it): merging in place would change that VM's memory under it; merge onto a copy (cp BASE COPY && emberctl snapshot merge --base COPY --diff DIFF), or stop that VM first; nothing was changed")]
+    InUse(PathBuf),
+    #[error("cannot lock base memory file {0} for the merge: {1}")]
+    Lock(PathBuf, io::Error),
     #[error("cannot find the data regions of diff memory file {0}: {1}")]
     Seek(PathBuf, io::Error),
     #[error("cannot read diff memory file {0}: {1}")]
@@ -181,6 +185,11 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<MergeStats, MergeError> {
             diff_len: diff_meta.len(),
         });
     }
+    match lock(&base_file, libc::LOCK_EX) {
+        Ok(true) => {}
+        Ok(false) => return Err(MergeError::InUse(base.into())),
+        Err(e) => return Err(MergeError::Lock(base.into(), e)),
+    }
     let mut stats = MergeStats {
         bytes: 0,
         regions: 0,
@@ -207,6 +216,24 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<MergeStats, MergeError> {
         .sync_all()
         .map_err(|e| MergeError::Sync(base.into(), e))?;
     Ok(stats)
+}
+
+/// Takes the `flock` lock `kind` (`LOCK_SH` or `LOCK_EX`) on `file` without waiting: false
+/// if a conflicting lock is held. A file system without `flock` (ENOLCK) counts as locked:
+/// the lock only guards against a mistake, it protects no data by itself.
+///
+/// Ember holds a shared lock on a memory file it was loaded from for as long as it maps it;
+/// a merge takes an exclusive one on its base, so it cannot change a running VM's memory.
+pub fn lock(file: &File, kind: libc::c_int) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor `file` owns; the lock goes with the open file.
+    if unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        e if e.raw_os_error() == Some(libc::ENOLCK) => Ok(true),
+        e => Err(e),
+    }
 }
 
 /// The data regions of `file` (of `len` bytes): (start, end) byte offsets, in order.
@@ -374,6 +401,23 @@ mod tests {
             assert_eq!(r, 0, "{}", io::Error::last_os_error());
             assert_eq!(pair_tag(&file).unwrap(), None);
         }
+    }
+
+    #[test]
+    fn a_base_a_vm_was_loaded_from_is_not_merged_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, diff) = (dir.path().join("base.mem"), dir.path().join("diff.mem"));
+        sparse(&base, 4, &[(0, 1)]);
+        sparse(&diff, 4, &[(0, 2)]);
+        // What a loaded ember holds while it maps the file.
+        let mapped = File::open(&base).unwrap();
+        assert!(lock(&mapped, libc::LOCK_SH).unwrap());
+        let err = merge_diff(&base, &diff).unwrap_err().to_string();
+        assert!(err.contains("is in use by a VM loaded from it"), "{err}");
+        assert_eq!(pages_of(&base), [1, 0, 0, 0]);
+        drop(mapped);
+        merge_diff(&base, &diff).unwrap();
+        assert_eq!(pages_of(&base), [2, 0, 0, 0]);
     }
 
     #[test]

@@ -160,6 +160,20 @@ fn a_restored_guest_goes_on_where_it_was() {
     assert_eq!(second.state(), "Running");
     let again = second.refused("PUT", "/snapshot/load", load_body(&state, &mem, &uds, None));
     assert!(again.contains("fresh ember process"), "{again}");
+    // Merging a diff in place onto the memory file this VM runs from would change its
+    // memory under it: refused, the file untouched.
+    let diff = dir.join("zeros.mem");
+    fs::File::create(&diff).unwrap().set_len(128 << 20).unwrap();
+    let (code, out, err) = second.emberctl(&[
+        "snapshot",
+        "merge",
+        "--base",
+        mem.to_str().unwrap(),
+        "--diff",
+        diff.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("is in use by a VM loaded from it"), "{err}");
 
     // Restored before the filters went on: every thread runs filtered, as after a boot.
     let modes = second.seccomp_modes();

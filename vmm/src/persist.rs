@@ -214,6 +214,8 @@ pub enum PersistError {
     DirtyPages(DirtyError),
     #[error("cannot read memory file {0}: {1}")]
     ReadMemory(PathBuf, std::io::Error),
+    #[error("memory file {0} is being merged (emberctl snapshot merge holds it): load it once the merge is done")]
+    MemoryBeingMerged(PathBuf),
     #[error("memory file {mem} was written with another state file than {state} (its tag names state checksum {tagged:#018x}, this state file's is {expected:#018x}){hint}; load each memory file with the state file saved with it")]
     OtherState {
         state: PathBuf,
@@ -368,6 +370,13 @@ impl Vmm {
             check_diff_merged(samples, &mem_file, &loaded.path, mem_path)?;
         }
         check_pair(&loaded, &mem_file, mem_path)?;
+        // Held as long as the file is mapped (the mapping keeps the file open): a merge
+        // onto it would change this VM's memory under it, and is refused.
+        match api::memfile::lock(&mem_file, libc::LOCK_SH) {
+            Ok(true) => {}
+            Ok(false) => return Err(PersistError::MemoryBeingMerged(mem_path.to_path_buf()).into()),
+            Err(e) => return Err(PersistError::ReadMemory(mem_path.to_path_buf(), e).into()),
+        }
         let overrides = DeviceOverrides {
             host_dev_names: params
                 .network_overrides

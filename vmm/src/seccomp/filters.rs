@@ -294,6 +294,8 @@ const VMM: &[Allowed] = &[
     // reads the tag (`api::memfile::set_pair_tag`, `pair_tag`).
     (libc::SYS_fsetxattr, Args::Any),
     (libc::SYS_fgetxattr, Args::Any),
+    // Snapshot load holds a shared lock on the memory file it maps (`api::memfile::lock`).
+    (libc::SYS_flock, Args::Any),
 ];
 
 /// The API thread (`rpc::server`): accepts clients on the bound API socket and serves each
