@@ -117,6 +117,21 @@ fn round_trip_through_a_file() {
     let mode = fs::metadata(&path).expect("stat").permissions().mode();
     assert_eq!(mode & 0o077, 0, "a snapshot is private to its owner");
     assert_eq!(others_in(dir.path(), &["vm.snap"]), Vec::<PathBuf>::new());
+    // The checksum that tags the memory file: the file's last 8 bytes, and another state's
+    // differs.
+    let bytes = fs::read(&path).expect("read");
+    assert_eq!(loaded.checksum, stored_checksum(&bytes));
+    assert_eq!(
+        loaded.checksum.to_le_bytes(),
+        bytes[bytes.len() - 8..],
+        "the checksum is the file's trailer"
+    );
+    let mut other = sample();
+    other.regs[0] = 1;
+    assert_ne!(
+        stored_checksum(&encode(&other, MEM_SIZE).expect("encode")),
+        loaded.checksum
+    );
 }
 
 #[test]
