@@ -285,8 +285,13 @@ const VMM: &[Allowed] = &[
     // Snapshot create: the flushed temporary file replaces the target path in one step
     // (glibc's rename(3) is the rename system call on x86_64).
     (libc::SYS_rename, Args::Any),
-    // Snapshot create: a temporary file whose write failed (a full disk) is removed.
+    // Snapshot create: a temporary file whose write failed (a full disk) is removed, and so
+    // are those that writers that died left for the same target: found by listing the
+    // directory (glibc's opendir checks the directory with fstat, which is newfstatat on
+    // x86_64; readdir is getdents64), their writers looked up in /proc with statx.
     (libc::SYS_unlink, Args::Any),
+    (libc::SYS_newfstatat, Args::Any),
+    (libc::SYS_getdents64, Args::Any),
     // Diff snapshot create: the memory file gets its full size before the dirty pages are
     // written into it (the rest stays holes).
     (libc::SYS_ftruncate, Args::Any),

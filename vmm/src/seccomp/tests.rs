@@ -163,10 +163,15 @@ fn the_vmm_thread_writes_snapshot_files_under_its_filter() {
 
 /// What snapshot create does on the VMM thread: the memory file and the state file, each
 /// written to a temporary file, fsynced, renamed over an older one (the directory fsynced);
-/// and a failed write, whose temporary file is removed.
+/// a failed write, whose temporary file is removed; and the temporary file a writer that
+/// died left, found in the directory listing, checked in /proc and removed.
+/// What a writer of `vm.mem` that died left: pid_max is at most 2^22, no process has 2^23.
+const STALE_TEMP_FILE: &str = ".vm.mem.8388608.0.tmp";
+
 fn write_snapshot_files((dir, mem): (std::path::PathBuf, crate::vstate::memory::GuestMemoryMmap)) {
     use crate::snapshot::{load_state, save_state, write_file_atomically};
     let mem_path = dir.join("vm.mem");
+    let stale = dir.join(STALE_TEMP_FILE);
     for _ in 0..2 {
         write_file_atomically(&mem_path, |f| crate::vstate::memory::dump(&mem, f)).unwrap();
         save_state(&dir.join("vm.state"), &7_u64, 16 << 20).unwrap();
@@ -175,6 +180,7 @@ fn write_snapshot_files((dir, mem): (std::path::PathBuf, crate::vstate::memory::
     assert!(failed.is_err());
     let loaded = load_state::<u64>(&dir.join("vm.state")).unwrap();
     loaded.open_memory_file(&mem_path).unwrap();
+    assert!(!stale.exists(), "{} is still there", stale.display());
     println!("snapshot files written");
 }
 
@@ -350,6 +356,8 @@ fn child_process() {
         }),
         "vmm-write-snapshot-files" => {
             let dir = scratch("snapshot-files");
+            // Created here, unfiltered: the VMM thread never truncates a file.
+            std::fs::write(dir.join(STALE_TEMP_FILE), b"left by a crash").unwrap();
             let mem = crate::vstate::memory::create_guest_memory(16, false).unwrap();
             allowed(ThreadKind::Vmm, (dir, mem), write_snapshot_files);
         }

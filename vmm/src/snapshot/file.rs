@@ -1,9 +1,12 @@
-//! Snapshot files on disk: writing a file so that it never half-exists at its path, loading a
-//! state file with every check before its state is used, and checking a memory file against
-//! the size its state file records.
+//! Snapshot files on disk: writing a file so that it never half-exists at its path (and
+//! removing what a writer that crashed left behind), loading a state file with every check
+//! before its state is used, and checking a memory file against the size its state file
+//! records.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,10 +14,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use api::models::LogLevel;
+
 use super::format::{
     check_header, decode_exact, decode_with, encode, stored_checksum, Header, HEADER_LEN,
 };
 use super::SnapshotError;
+use crate::rpc::logger;
 
 /// A state file that passed every check, with its decoded state.
 #[derive(Debug)]
@@ -212,7 +218,8 @@ struct TempFile {
 impl TempFile {
     /// Creates `.<name>.<pid>.<n>.tmp` in `dir` with `O_EXCL`, mode 0600 (a snapshot is the
     /// guest's private data). `n` counts up per process, so concurrent writers within one
-    /// process never collide; a name left by a crashed process is skipped.
+    /// process never collide. Files of that form that a process no longer running left for
+    /// the same name are removed first (see [`remove_stale_temp_files`]).
     fn create(dir: &Path, target: &Path) -> Result<Self, SnapshotError> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let create_err = |source| SnapshotError::CreateTemp {
@@ -224,13 +231,11 @@ impl TempFile {
             let why = "the path does not end in a file name";
             return Err(create_err(io::Error::new(io::ErrorKind::InvalidInput, why)));
         };
+        remove_stale_temp_files(dir, name);
         let mut last_error = io::Error::from(io::ErrorKind::AlreadyExists);
         for _ in 0..64 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let mut temp_name = std::ffi::OsString::from(".");
-            temp_name.push(name);
-            temp_name.push(format!(".{}.{n}.tmp", std::process::id()));
-            let path = dir.join(temp_name);
+            let path = dir.join(temp_file_name(name, std::process::id(), n));
             let opened = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -258,5 +263,94 @@ impl Drop for TempFile {
             // Best effort: failing to remove a temporary file must not hide the real error.
             let _ = fs::remove_file(&self.path);
         }
+    }
+}
+
+/// `.<name>.<pid>.<n>.tmp`: the temporary file that process `pid` writes `name` into.
+fn temp_file_name(name: &OsStr, pid: u32, n: u32) -> OsString {
+    let mut temp_name = OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".{pid}.{n}.tmp"));
+    temp_name
+}
+
+/// The writer's pid if `file_name` is exactly what [`temp_file_name`] makes for `name`: both
+/// numbers in decimal as written (no sign, no leading zero), the pid one a process can have.
+fn temp_file_writer(file_name: &OsStr, name: &OsStr) -> Option<u32> {
+    let rest = file_name
+        .as_bytes()
+        .strip_prefix(b".")?
+        .strip_prefix(name.as_bytes())?
+        .strip_prefix(b".")?
+        .strip_suffix(b".tmp")?;
+    let (pid, n) = std::str::from_utf8(rest).ok()?.split_once('.')?;
+    let canonical = |digits: &str| {
+        digits
+            .parse::<u32>()
+            .ok()
+            .filter(|v| v.to_string() == digits)
+    };
+    canonical(n)?;
+    // A pid is a positive pid_t.
+    canonical(pid).filter(|&pid| pid > 0 && libc::pid_t::try_from(pid).is_ok())
+}
+
+/// Whether process `pid` may exist: its `/proc` entry is there, or `/proc` cannot tell (it
+/// does not show this process itself: not mounted, or another pid namespace's). Only a
+/// missing entry in a `/proc` that shows us counts as gone, so a file is only ever removed
+/// when its writer surely is. (`/proc` and not kill(2): the VMM thread's seccomp filter
+/// allows no kill at all, and reading file metadata it allows already.)
+fn process_may_exist(pid: u32) -> bool {
+    let missing = |pid: u32| {
+        let entry = Path::new("/proc").join(pid.to_string());
+        matches!(fs::symlink_metadata(entry), Err(e) if e.kind() == io::ErrorKind::NotFound)
+    };
+    missing(std::process::id()) || !missing(pid)
+}
+
+/// Removes the temporary files for `name` in `dir` left by writers that no longer run: a
+/// snapshot save cut short by SIGKILL or a host crash leaves one behind, as large as guest
+/// memory, and nothing else would ever remove it. Only regular files whose name is exactly
+/// `.<name>.<pid>.<n>.tmp` (see [`temp_file_writer`]) and whose process is gone are removed;
+/// symbolic links are never followed (unlink(2) removes the link itself, and the file type is
+/// read without following it). Each removal is logged. Best effort: a directory that cannot
+/// be read is left alone (creating the new file there reports the real error), and a file
+/// that cannot be removed is logged and skipped.
+///
+/// The writer is looked up in `/proc`, which shows this process's pid namespace: an ember in
+/// another pid namespace, or hidden by `/proc`'s `hidepid` option, writing into the same
+/// directory at the same time could be taken for gone.
+fn remove_stale_temp_files(dir: &Path, name: &OsStr) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = temp_file_writer(&entry.file_name(), name) else {
+            continue;
+        };
+        // Not a regular file (a symlink, a directory), or gone already: not ours to remove.
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        if !metadata.is_file() || process_may_exist(pid) {
+            continue;
+        }
+        let (path, size, target) = (entry.path(), metadata.len(), dir.join(name));
+        let message = match fs::remove_file(&path) {
+            Ok(()) => format!(
+                "removed {} ({size} bytes): process {pid} was writing {} there and ended \
+                 before it finished",
+                path.display(),
+                target.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => format!(
+                "cannot remove {} ({size} bytes), left by process {pid} (no longer running) \
+                 writing {}: {e}; remove it by hand",
+                path.display(),
+                target.display()
+            ),
+        };
+        logger::log(LogLevel::Warning, "snapshot", &message);
     }
 }

@@ -46,7 +46,8 @@
 //! it over the target and fsyncs the directory. A crash, a full disk (ENOSPC) or any other
 //! error before the rename leaves the previous file at the target path untouched, and the
 //! temporary file is removed on error. Only a crash can leave a temporary file behind; it never
-//! sits at the target path.
+//! sits at the target path, and the next save to the same target removes it (a regular file of
+//! exactly that name whose `<pid>` is no longer a running process; logged with its size).
 //!
 //! # Why postcard and CRC-64/XZ
 //!

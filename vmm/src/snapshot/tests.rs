@@ -706,3 +706,79 @@ fn prepared_files_replace_their_targets_only_when_committed() {
         Vec::<PathBuf>::new()
     );
 }
+
+/// A pid no process can have: one above the kernel's limit.
+fn impossible_pid() -> u32 {
+    let max = fs::read_to_string("/proc/sys/kernel/pid_max").expect("read pid_max");
+    max.trim().parse::<u32>().expect("pid_max is a number") + 1
+}
+
+#[test]
+fn a_save_removes_what_a_writer_that_died_left_for_the_same_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dead = impossible_pid();
+    let me = std::process::id();
+    let stale = [
+        format!(".vm.mem.{dead}.0.tmp"),
+        format!(".vm.mem.{dead}.17.tmp"),
+    ];
+    let kept = [
+        // This process's own (a save in progress) and a running process's.
+        format!(".vm.mem.{me}.4000000000.tmp"),
+        ".vm.mem.1.0.tmp".to_string(),
+        // Other targets' leftovers.
+        format!(".vm.state.{dead}.0.tmp"),
+        format!(".vm.{dead}.0.tmp"),
+        format!(".vm.mem.x.{dead}.0.tmp"),
+        // Names that are not exactly ours.
+        format!("vm.mem.{dead}.0.tmp"),
+        format!(".vm.mem.{dead}.0.tmp.old"),
+        format!(".vm.mem.{dead}.tmp"),
+        format!(".vm.mem.{dead}.0.1.tmp"),
+        format!(".vm.mem.0{dead}.0.tmp"),
+        format!(".vm.mem.+{dead}.0.tmp"),
+        format!(".vm.mem.{dead}.00.tmp"),
+        format!(".vm.mem.{dead}.x.tmp"),
+        ".vm.mem.-1.0.tmp".to_string(),
+        ".vm.mem.0.0.tmp".to_string(),
+        ".vm.mem.2147483648.0.tmp".to_string(),
+        ".vm.mem.4294967296.0.tmp".to_string(),
+    ];
+    for name in stale.iter().chain(&kept) {
+        write(&dir.path().join(name), b"guest memory");
+    }
+    // Right names, but not regular files: a symbolic link (to a file that must survive) and
+    // a directory.
+    let outside = tempfile::tempdir().expect("tempdir");
+    let precious = outside.path().join("precious");
+    write(&precious, b"precious");
+    let link = dir.path().join(format!(".vm.mem.{dead}.1.tmp"));
+    std::os::unix::fs::symlink(&precious, &link).expect("symlink");
+    let subdir = dir.path().join(format!(".vm.mem.{dead}.2.tmp"));
+    fs::create_dir(&subdir).expect("mkdir");
+
+    write_file_atomically(&dir.path().join("vm.mem"), |f| f.write_all(b"new memory"))
+        .expect("save");
+
+    for name in &stale {
+        assert!(!dir.path().join(name).exists(), "{name} is still there");
+    }
+    for name in &kept {
+        let contents = fs::read(dir.path().join(name)).expect(name);
+        assert_eq!(contents, b"guest memory", "{name}");
+    }
+    assert!(fs::symlink_metadata(&link).expect("link").is_symlink());
+    assert_eq!(fs::read(&precious).expect("precious"), b"precious");
+    assert!(subdir.is_dir());
+    assert_eq!(
+        fs::read(dir.path().join("vm.mem")).expect("mem"),
+        b"new memory"
+    );
+    let mut keep: Vec<&str> = kept.iter().map(String::as_str).collect();
+    let (link_name, subdir_name) = (
+        format!(".vm.mem.{dead}.1.tmp"),
+        format!(".vm.mem.{dead}.2.tmp"),
+    );
+    keep.extend(["vm.mem", link_name.as_str(), subdir_name.as_str()]);
+    assert_eq!(others_in(dir.path(), &keep), Vec::<PathBuf>::new());
+}

@@ -8,20 +8,25 @@
 //! Everything that can be checked before a process starts is (CIDs, TAPs, socket path
 //! lengths, a clone already running in the directory). Then every ember is started, and
 //! each loads the snapshot with `resume_vm`. On any failure the clones started so far are
-//! killed and the failing one is named with why. The embers run in their own process
-//! group with no terminal input, so they outlive emberctl and a Ctrl-C meant for it; stop
+//! killed and the failing one is named with why; so they are when emberctl gets SIGINT,
+//! SIGTERM or SIGHUP before every clone runs (see `stop_on_signal`), and it then exits with
+//! 128 plus the signal's number. The embers run in their own process group with no terminal
+//! input, so once cloning has finished they outlive emberctl and a Ctrl-C meant for it; stop
 //! one with `emberctl --api DIR/clone-i/api.sock ctrl-alt-del` or by its pid.
 
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
 use api::models::check_guest_cid;
 use clap::Args;
 use serde_json::{json, Value};
+
+use crate::signals;
 
 /// The longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -107,9 +112,33 @@ struct Started {
     child: Child,
 }
 
-/// Runs `emberctl clone`; 0 once every clone runs, 1 after saying which failed and why.
+/// The embers started so far, shared with the thread that stops them on a signal. Once
+/// every clone runs they are handed over to the user and taken out of here.
+#[derive(Debug, Default)]
+struct Clones {
+    started: Vec<Started>,
+    handed_over: bool,
+}
+
+type SharedClones = Arc<Mutex<Clones>>;
+
+fn lock(clones: &SharedClones) -> MutexGuard<'_, Clones> {
+    // A panic while holding the list leaves it usable: each entry is a whole clone.
+    clones.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `emberctl clone`; 0 once every clone runs, 1 after saying which failed and why, 128
+/// plus the signal's number after SIGINT, SIGTERM or SIGHUP.
 pub fn run(args: &CloneArgs, json_output: bool) -> u8 {
-    match clone_all(args) {
+    let clones = SharedClones::default();
+    if let Err(e) = stop_on_signal(Arc::clone(&clones)) {
+        eprintln!(
+            "emberctl clone: cannot set up stopping the clones on Ctrl-C: {e}; \
+             nothing was started, try again"
+        );
+        return 1;
+    }
+    match clone_all(args, &clones) {
         Ok(started) => {
             report(&started, json_output);
             0
@@ -148,7 +177,30 @@ fn report(started: &[Started], json_output: bool) {
     }
 }
 
-fn clone_all(args: &CloneArgs) -> Result<Vec<Started>, String> {
+/// Until the clones are handed over, a stop signal stops the clones started so far, says
+/// which on stderr and ends emberctl with 128 plus the signal's number; after that it only
+/// ends emberctl, with the same status.
+fn stop_on_signal(clones: SharedClones) -> std::io::Result<()> {
+    signals::on_stop_signal(move |signal| {
+        // Waits for a clone being started to be on the list, so that it is stopped too.
+        let mut clones = lock(&clones);
+        if !clones.handed_over {
+            let stopped = stop_all(&mut clones.started);
+            let what = if stopped.is_empty() {
+                "no clone was running".to_string()
+            } else {
+                format!("stopped the clones started: {}", stopped.join(", "))
+            };
+            eprintln!(
+                "emberctl clone: {} before cloning finished; {what}",
+                signals::name(signal)
+            );
+        }
+        std::process::exit(128 + signal);
+    })
+}
+
+fn clone_all(args: &CloneArgs, clones: &SharedClones) -> Result<Vec<Started>, String> {
     let ember = match &args.ember {
         Some(path) => path.clone(),
         None => default_ember()?,
@@ -178,13 +230,14 @@ fn clone_all(args: &CloneArgs) -> Result<Vec<Started>, String> {
     // from anywhere.
     let state = absolute(&args.state)?;
     let mem = absolute(&args.mem)?;
-    let mut started = Vec::new();
-    let result = start_and_load(&ember, &plans, &state, &mem, args.timeout, &mut started);
+    let result = start_and_load(&ember, &plans, &state, &mem, args.timeout, clones);
+    let mut clones = lock(clones);
     if let Err(e) = result {
-        stop_all(&mut started);
+        stop_all(&mut clones.started);
         return Err(e);
     }
-    Ok(started)
+    clones.handed_over = true;
+    Ok(std::mem::take(&mut clones.started))
 }
 
 /// Starts every ember first (their start-up overlaps), then loads the snapshot into each.
@@ -194,22 +247,32 @@ fn start_and_load(
     state: &Path,
     mem: &Path,
     timeout: Duration,
-    started: &mut Vec<Started>,
+    clones: &SharedClones,
 ) -> Result<(), String> {
     for p in plans {
+        // Started with the list locked: a signal meanwhile waits until the new ember is on
+        // the list, so that it is stopped with the others.
+        let mut clones = lock(clones);
         let child = spawn_ember(ember, p).map_err(|e| format!("clone {}: {e}", p.index))?;
-        started.push(Started {
+        clones.started.push(Started {
             plan: p.clone(),
             child,
         });
     }
-    for s in started.iter_mut() {
-        load(s, state, mem, timeout).map_err(|e| {
-            let log = tail(&s.plan.dir.join("ember.log"), 10);
+    for (i, p) in plans.iter().enumerate() {
+        // Whether clone i's ember exited: looked at with the list locked, as the signal
+        // thread may be stopping it.
+        let mut exited = || {
+            let mut clones = lock(clones);
+            let child = &mut clones.started.get_mut(i)?.child;
+            child.try_wait().ok().flatten()
+        };
+        load(p, &mut exited, state, mem, timeout).map_err(|e| {
+            let log = tail(&p.dir.join("ember.log"), 10);
             format!(
                 "clone {} ({}): {e}; the clones started were stopped{log}",
-                s.plan.index,
-                s.plan.dir.display()
+                p.index,
+                p.dir.display()
             )
         })?;
     }
@@ -305,7 +368,15 @@ fn spawn_ember(ember: &Path, plan: &ClonePlan) -> Result<Child, String> {
     };
     // Run from emberctl's own directory: drive and TAP paths the snapshot holds as given
     // (relative ones too) resolve as they did for the ember that took it, if it ran there.
-    Command::new(ember)
+    let mut command = Command::new(ember);
+    // emberctl blocks the stop signals while cloning; a clone must not inherit that.
+    signals::unblock_in_child(&mut command).map_err(|e| {
+        format!(
+            "cannot prepare the signal mask for {}: {e}",
+            ember.display()
+        )
+    })?;
+    command
         .arg("--api-sock")
         .arg(&plan.api_sock)
         .stdin(Stdio::null())
@@ -317,12 +388,19 @@ fn spawn_ember(ember: &Path, plan: &ClonePlan) -> Result<Child, String> {
         .map_err(|e| format!("cannot start {}: {e}", ember.display()))
 }
 
-/// Waits for the clone's API socket, then loads the snapshot into it, running.
-fn load(s: &mut Started, state: &Path, mem: &Path, timeout: Duration) -> Result<(), String> {
+/// Waits for the clone's API socket, then loads the snapshot into it, running. `exited`
+/// tells whether its ember has exited, and how.
+fn load(
+    plan: &ClonePlan,
+    exited: &mut dyn FnMut() -> Option<ExitStatus>,
+    state: &Path,
+    mem: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    let client = ApiClient::new(&s.plan.api_sock).with_timeout(timeout);
+    let client = ApiClient::new(&plan.api_sock).with_timeout(timeout);
     loop {
-        if let Ok(Some(status)) = s.child.try_wait() {
+        if let Some(status) = exited() {
             return Err(format!("ember exited ({status}) before it answered"));
         }
         if client.request("GET", "/", None).is_ok() {
@@ -331,12 +409,12 @@ fn load(s: &mut Started, state: &Path, mem: &Path, timeout: Duration) -> Result<
         if Instant::now() > deadline {
             return Err(format!(
                 "ember did not answer at {} within {timeout:?}",
-                s.plan.api_sock.display()
+                plan.api_sock.display()
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let body = s.plan.load_body(state, mem).to_string();
+    let body = plan.load_body(state, mem).to_string();
     let response = client
         .request("PUT", "/snapshot/load", Some(&body))
         .map_err(|e| format!("PUT /snapshot/load: {e}"))?;
@@ -350,11 +428,17 @@ fn load(s: &mut Started, state: &Path, mem: &Path, timeout: Duration) -> Result<
     Ok(())
 }
 
-fn stop_all(started: &mut [Started]) {
-    for s in started {
-        let _ = s.child.kill();
-        let _ = s.child.wait();
-    }
+/// Kills and reaps every ember started and empties the list; says which were stopped
+/// ("clone 0 (pid 123)").
+fn stop_all(started: &mut Vec<Started>) -> Vec<String> {
+    started
+        .drain(..)
+        .map(|mut s| {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+            format!("clone {} (pid {})", s.plan.index, s.child.id())
+        })
+        .collect()
 }
 
 fn default_ember() -> Result<PathBuf, String> {
@@ -460,14 +544,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap();
         let mut a = args(&["-n", "1", "--dir", d, "--ember", "/bin/true"]);
-        let err = clone_all(&a).unwrap_err();
+        let err = clone_all(&a, &SharedClones::default()).unwrap_err();
         assert!(err.contains("state file s.state is missing"), "{err}");
         a.state = dir.path().join("s.state");
         a.mem = dir.path().join("s.mem");
         fs::write(&a.state, "s").unwrap();
         fs::write(&a.mem, "m").unwrap();
         a.taps = vec!["eth0=no-such-tap".into()];
-        let err = clone_all(&a).unwrap_err();
+        let err = clone_all(&a, &SharedClones::default()).unwrap_err();
         assert!(
             err.contains("host TAP no-such-tap0 does not exist"),
             "{err}"
@@ -483,7 +567,7 @@ mod tests {
         a.mem = dir.path().join("s.mem");
         fs::write(&a.state, "s").unwrap();
         fs::write(&a.mem, "m").unwrap();
-        let err = clone_all(&a).unwrap_err();
+        let err = clone_all(&a, &SharedClones::default()).unwrap_err();
         assert!(
             err.starts_with("clone 0 (") && err.contains("ember exited"),
             "{err}"

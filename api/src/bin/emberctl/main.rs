@@ -6,12 +6,14 @@
 //!
 //! Exit status: `exec` exits with the command's status (128 + N when signal N ended it), 127
 //! when the program does not exist in the guest, 126 when it cannot be executed, and 255
-//! when emberctl itself failed. The other subcommands exit with 0 or 1.
+//! when emberctl itself failed. `clone` stopped by SIGINT, SIGTERM or SIGHUP while cloning
+//! exits with 128 + N too. The other subcommands exit with 0 or 1.
 
 mod api_cmd;
 mod clone;
 mod cp;
 mod exec;
+mod signals;
 mod terminal;
 
 use std::path::PathBuf;
