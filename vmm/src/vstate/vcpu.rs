@@ -409,6 +409,13 @@ impl Vcpu {
         let regs = self.fd.get_regs();
         let sregs = self.fd.get_sregs();
         match (regs, sregs) {
+            // KVM on AMD (SVM) puts a vCPU through INIT when the guest shuts down, before it
+            // reports the exit: what it holds then is the reset state, not where it failed.
+            (Ok(r), Ok(s)) if r.rip == RESET_RIP && s.cs.base == RESET_CS_BASE => {
+                "its registers are unknown: KVM reset the vCPU at the shutdown, as it does on \
+                 AMD (the guest console may tell where it failed)"
+                    .into()
+            }
             (Ok(r), Ok(s)) => format!(
                 "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
                 r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
@@ -509,6 +516,10 @@ impl Vcpu {
 /// takes a fresh vCPU, just made by [`Vcpu::new`] on the VM it is restored into (with guest
 /// memory registered, and not configured for boot), and returns it with the saved state,
 /// ready for [`Vcpu::start`].
+/// Where a vCPU fresh from RESET or INIT starts: CS base 0xffff0000, RIP 0xfff0.
+const RESET_RIP: u64 = 0xfff0;
+const RESET_CS_BASE: u64 = 0xffff_0000;
+
 impl Persist for Vcpu {
     type State = VcpuState;
     type Args = Vcpu;

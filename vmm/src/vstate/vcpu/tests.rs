@@ -468,3 +468,19 @@ fn an_expired_tsc_deadline_is_saved_as_due_now() {
         "deadline {deadline:#x}, TSC {tsc:#x}"
     );
 }
+
+/// A vCPU in its reset state (which is what KVM on AMD leaves after a guest shutdown) is
+/// described as such, not by registers that would point at the reset vector; a configured
+/// one by its registers.
+#[test]
+fn a_triple_fault_report_does_not_show_the_reset_state_as_the_crash_site() {
+    let test = TestVm::new(1);
+    let fresh = test.fresh_vcpus(1);
+    let described = fresh[0].describe_state();
+    assert!(described.contains("KVM reset the vCPU"), "{described}");
+    drop(fresh);
+    let test = TestVm::new(1);
+    let booted = test.boot_vcpus(1);
+    let described = booted[0].describe_state();
+    assert!(described.starts_with("rip=0x"), "{described}");
+}
