@@ -7,8 +7,13 @@
 //! cycle to cycle; read once two reads 200 ms apart agree) and its memory: RSS, PSS, RSS less the guest memory touched, and its own
 //! private memory (anonymous pages outside guest RAM, from `/proc/PID/smaps`).
 //!
-//! Ember creates the TAP itself (it is missing when the cycle starts), so a TAP left after a
-//! cycle is one ember failed to let go of.
+//! By default the TAP is the platform's: the harness makes one persistent TAP before the
+//! first cycle (`ip tuntap add`), every cycle's ember attaches to it, and the harness
+//! deletes it after the last; so the TAP count before and after is the same unless one
+//! leaked. With `ember_creates_tap` the TAP is missing when a cycle starts and ember creates
+//! it; a TAP still there after the cycle is one ember failed to let go of. (In the nested
+//! test bed, two runs of that kind froze the level-1 VM as a whole while an ember was
+//! building its VM, in cycles 1 and 31; see the notes.)
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,16 +25,18 @@ use serde::Serialize;
 use serde_json::json;
 use testbed::{Artifacts, GuestSpec};
 
-use crate::procfs::{fd_count, thread_count, vmm_memory};
+use crate::procfs::{fd_count, thread_count, vmm_memory, whereabouts};
 use crate::snapshot::{guest, Vm, LIMIT};
 use crate::stats::Summary;
 
-/// The TAP each cycle's ember creates, and the guest it serves.
+/// The TAP of every cycle's guest.
 const TAP: &str = "churntap0";
 pub const MEM_MIB: u32 = 128;
 /// Files the harness itself writes into a cycle's run directory.
 const HARNESS_FILES: [&str; 3] = ["vm.json", "console.log", "ember.log"];
 
+/// Cycles between two writes of the figures so far.
+const PARTIAL_EVERY: usize = 25;
 /// Time between two reads of ember's descriptor and thread counts.
 const SETTLE_READ: Duration = Duration::from_millis(200);
 
@@ -38,6 +45,9 @@ pub struct Plan {
     pub cycles: usize,
     /// Stop starting cycles after this long (the rest are reported as not run).
     pub budget: Option<Duration>,
+    /// Each cycle's ember creates the TAP (and it goes when ember exits) instead of
+    /// attaching to a persistent one the harness made.
+    pub ember_creates_tap: bool,
 }
 
 /// What one cycle measured.
@@ -54,7 +64,7 @@ pub struct CycleSample {
     pub private_non_guest_kib: u64,
     /// Names left in the run directory after ember exited, besides the harness's own files.
     pub left_in_run_dir: Vec<String>,
-    /// Whether the TAP still existed after ember exited.
+    /// Whether the TAP ember created still existed after it exited.
     pub tap_left: bool,
 }
 
@@ -107,6 +117,7 @@ pub struct Leaks {
 pub struct ChurnResults {
     pub cycles_planned: usize,
     pub cycles_run: usize,
+    pub ember_creates_tap: bool,
     /// Why fewer cycles than planned ran (time budget, a failed cycle), if so.
     pub stopped_early: Option<String>,
     pub mem_mib: u32,
@@ -130,6 +141,11 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<ChurnResults, St
     let root = art.private_rootfs(work)?;
     let run_dir = work.join("churn-run");
     let before = HostCounts::now()?;
+    let tap = if plan.ember_creates_tap {
+        None
+    } else {
+        Some(PersistentTap::create()?)
+    };
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut stopped_early = None;
@@ -141,12 +157,15 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<ChurnResults, St
             ));
             break;
         }
-        match cycle(i, art, &root, &run_dir) {
+        match cycle(i, art, &root, &run_dir, plan.ember_creates_tap) {
             Ok(sample) => samples.push(sample),
             Err(e) => {
                 stopped_early = Some(format!("cycle {} failed: {e}", i + 1));
                 break;
             }
+        }
+        if (i + 1) % PARTIAL_EVERY == 0 {
+            write_partial(plan, &samples, &before, work)?;
         }
         if (i + 1) % 10 == 0 {
             let last = &samples[samples.len() - 1];
@@ -160,13 +179,14 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<ChurnResults, St
         }
     }
     let _ = fs::remove_dir_all(&run_dir);
+    drop(tap);
     let after = HostCounts::now()?;
-    summarise(plan, samples, stopped_early, before, after)
+    summarise(plan, &samples, stopped_early, before, after)
 }
 
 fn summarise(
     plan: &Plan,
-    samples: Vec<CycleSample>,
+    samples: &[CycleSample],
     stopped_early: Option<String>,
     before: HostCounts,
     after: HostCounts,
@@ -207,6 +227,7 @@ fn summarise(
     Ok(ChurnResults {
         cycles_planned: plan.cycles,
         cycles_run: samples.len(),
+        ember_creates_tap: plan.ember_creates_tap,
         mem_mib: MEM_MIB,
         cycle_ms: column(|s| s.cycle_ms)?,
         to_agent_ready_ms: column(|s| s.to_agent_ready_ms)?,
@@ -223,7 +244,13 @@ fn summarise(
 }
 
 /// One cycle in a fresh `dir`.
-fn cycle(index: usize, art: &Artifacts, root: &Path, dir: &Path) -> Result<CycleSample, String> {
+fn cycle(
+    index: usize,
+    art: &Artifacts,
+    root: &Path,
+    dir: &Path,
+    ember_creates_tap: bool,
+) -> Result<CycleSample, String> {
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let uds = dir.join("v.sock");
@@ -258,7 +285,7 @@ fn cycle(index: usize, art: &Artifacts, root: &Path, dir: &Path) -> Result<Cycle
         guest_touched_kib: memory.guest_touched_kib,
         private_non_guest_kib: memory.private_non_guest_kib(),
         left_in_run_dir: left_behind(dir)?,
-        tap_left: Path::new("/sys/class/net").join(TAP).exists(),
+        tap_left: ember_creates_tap && Path::new("/sys/class/net").join(TAP).exists(),
     })
 }
 
@@ -284,12 +311,74 @@ pub(crate) fn boot_to_agent(
     let ready = std::thread::spawn(move || api::agent::wait_ready(&ready_uds, LIMIT));
     // The listener binds at once; give it the head start a guest boot gives it anyway.
     std::thread::sleep(Duration::from_millis(20));
-    let vm = Vm::spawn(cmd, dir)?;
+    let mut vm = Vm::spawn(cmd, dir)?;
+    // A guest that dies early never calls: stop waiting once its ember is gone.
+    while !ready.is_finished() {
+        if let Some(status) = vm.exit_status() {
+            return Err(format!(
+                "ember exited ({status}) before the agent was ready{}",
+                vm.logs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let answer = ready
         .join()
         .map_err(|_| "the readiness listener panicked".to_string())?;
-    answer.map_err(|e| format!("{e}{}", vm.logs()))?;
+    answer.map_err(|e| format!("{e}\n{}{}", whereabouts(vm.pid()), vm.logs()))?;
     Ok((vm, start.elapsed().as_secs_f64() * 1000.0))
+}
+
+/// Writes the figures so far to `churn-partial.json` in `work`: a run cut short (the test
+/// bed's level-1 VM has frozen under long runs) still leaves them.
+fn write_partial(
+    plan: &Plan,
+    samples: &[CycleSample],
+    before: &HostCounts,
+    work: &Path,
+) -> Result<(), String> {
+    let so_far = summarise(
+        plan,
+        samples,
+        Some(format!("partial: {} cycles so far", samples.len())),
+        before.clone(),
+        HostCounts::now()?,
+    )?;
+    let path = work.join("churn-partial.json");
+    let text = serde_json::to_string_pretty(&so_far).map_err(|e| e.to_string())?;
+    fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The platform's persistent TAP, deleted when dropped.
+struct PersistentTap;
+
+impl PersistentTap {
+    fn create() -> Result<Self, String> {
+        ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        Ok(Self)
+    }
+}
+
+impl Drop for PersistentTap {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", TAP]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}; install iproute2"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// Counts read until two reads in a row agree: the guest's readiness call leaves ember a

@@ -8,7 +8,7 @@
 //! `ember-bench agent [--runs N] [--execs N] [--mib M] [--json PATH] [--no-peer]`
 //! `ember-bench api [--runs N] [--requests N] [--json PATH] [--no-peer]`
 //! `ember-bench snapshot [--runs N] [--sizes MIB,MIB] [--clones N] [--json PATH]`
-//! `ember-bench churn [--cycles N] [--max-minutes M] [--json PATH]`
+//! `ember-bench churn [--cycles N] [--max-minutes M] [--ember-creates-tap] [--json PATH]`
 //! `ember-bench density [--target N] [--batch N] [--reserve-mib MIB] [--json PATH]`
 
 mod agent;
@@ -82,6 +82,9 @@ struct ChurnArgs {
     /// Start no cycle after this many minutes; the report says how many ran.
     #[arg(long)]
     max_minutes: Option<u64>,
+    /// Each ember creates the TAP itself instead of attaching to a persistent one.
+    #[arg(long)]
+    ember_creates_tap: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -555,14 +558,20 @@ fn churn_bench(
     let plan = churn::Plan {
         cycles: args.cycles,
         budget: args.max_minutes.map(|m| Duration::from_secs(60 * m)),
+        ember_creates_tap: args.ember_creates_tap,
     };
     let r = churn::run(&plan, art, work)?;
     println!(
-        "churn: {} of {} cycles of create, boot to agent ({} MiB, 1 vCPU, TAP, vsock), exec, \
-         poweroff; {}",
+        "churn: {} of {} cycles of create, boot to agent ({} MiB, 1 vCPU, TAP {}, vsock), \
+         exec, poweroff; {}",
         r.cycles_run,
         r.cycles_planned,
         r.mem_mib,
+        if r.ember_creates_tap {
+            "created by ember"
+        } else {
+            "persistent"
+        },
         environment()
     );
     if let Some(why) = &r.stopped_early {
@@ -720,6 +729,9 @@ fn rerun_nested(cli: &Cli) -> Result<(), String> {
             let mut c = format!("churn --cycles {}", a.cycles);
             if let Some(m) = a.max_minutes {
                 c += &format!(" --max-minutes {m}");
+            }
+            if a.ember_creates_tap {
+                c += " --ember-creates-tap";
             }
             // A cycle takes well under a minute even in the test bed.
             let minutes = 10 + a.max_minutes.unwrap_or(a.cycles as u64);

@@ -20,6 +20,32 @@ fn count_entries(dir: &str) -> Result<usize, String> {
         .map_err(|e| format!("cannot list {dir}: {e}"))
 }
 
+/// Where process `pid` is, for a failure message about a process that stopped making
+/// progress: its state, the kernel function it waits in, and each thread's kernel stack
+/// (readable as root).
+pub fn whereabouts(pid: u32) -> String {
+    let read =
+        |path: String| fs::read_to_string(&path).unwrap_or_else(|e| format!("({path}: {e})"));
+    let status = read(format!("/proc/{pid}/status"));
+    let state = status
+        .lines()
+        .find(|l| l.starts_with("State:"))
+        .unwrap_or("State: unknown");
+    let mut text = format!(
+        "process {pid}: {state}, wchan {}\n",
+        read(format!("/proc/{pid}/wchan"))
+    );
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.filter_map(Result::ok) {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            let comm = read(format!("/proc/{pid}/task/{tid}/comm"));
+            let stack = read(format!("/proc/{pid}/task/{tid}/stack"));
+            text += &format!("thread {tid} ({}):\n{stack}", comm.trim());
+        }
+    }
+    text
+}
+
 /// The memory of VMM process `pid` whose guest has `guest_kib` of RAM; see [`MemorySample`].
 pub fn vmm_memory(pid: u32, guest_kib: u64) -> Result<MemorySample, String> {
     let path = format!("/proc/{pid}/smaps");

@@ -368,6 +368,11 @@ impl Vm {
         self.child.id()
     }
 
+    /// How the VMM ended, once it has.
+    pub(crate) fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub(crate) fn logs(&self) -> String {
         let read = |name: &str| fs::read_to_string(self.dir.join(name)).unwrap_or_default();
         format!(
