@@ -18,7 +18,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use api::agent::{AgentClient, Exec};
 use serde::Serialize;
@@ -48,6 +48,8 @@ pub struct Plan {
     /// Each cycle's ember creates the TAP (and it goes when ember exits) instead of
     /// attaching to a persistent one the harness made.
     pub ember_creates_tap: bool,
+    /// A pause between an ember's exit and the next start (not part of the cycle's time).
+    pub pause: Duration,
 }
 
 /// What one cycle measured.
@@ -118,6 +120,7 @@ pub struct ChurnResults {
     pub cycles_planned: usize,
     pub cycles_run: usize,
     pub ember_creates_tap: bool,
+    pub pause_ms: u128,
     /// Why fewer cycles than planned ran (time budget, a failed cycle), if so.
     pub stopped_early: Option<String>,
     pub mem_mib: u32,
@@ -147,6 +150,12 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<ChurnResults, St
         Some(PersistentTap::create()?)
     };
     let started = Instant::now();
+    // Named for this run: the test bed runs a job again after its level-1 VM froze, and the
+    // second run must not overwrite what the first measured.
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let partial = work.join(format!("churn-partial-{since_epoch}.json"));
     let mut samples = Vec::new();
     let mut stopped_early = None;
     for i in 0..plan.cycles {
@@ -157,6 +166,9 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<ChurnResults, St
             ));
             break;
         }
+        if i > 0 {
+            std::thread::sleep(plan.pause);
+        }
         match cycle(i, art, &root, &run_dir, plan.ember_creates_tap) {
             Ok(sample) => samples.push(sample),
             Err(e) => {
@@ -165,7 +177,7 @@ pub fn run(plan: &Plan, art: &Artifacts, work: &Path) -> Result<ChurnResults, St
             }
         }
         if (i + 1) % PARTIAL_EVERY == 0 {
-            write_partial(plan, &samples, &before, work)?;
+            write_partial(plan, &samples, &before, &partial)?;
         }
         if (i + 1) % 10 == 0 {
             let last = &samples[samples.len() - 1];
@@ -228,6 +240,7 @@ fn summarise(
         cycles_planned: plan.cycles,
         cycles_run: samples.len(),
         ember_creates_tap: plan.ember_creates_tap,
+        pause_ms: plan.pause.as_millis(),
         mem_mib: MEM_MIB,
         cycle_ms: column(|s| s.cycle_ms)?,
         to_agent_ready_ms: column(|s| s.to_agent_ready_ms)?,
@@ -329,13 +342,13 @@ pub(crate) fn boot_to_agent(
     Ok((vm, start.elapsed().as_secs_f64() * 1000.0))
 }
 
-/// Writes the figures so far to `churn-partial.json` in `work`: a run cut short (the test
-/// bed's level-1 VM has frozen under long runs) still leaves them.
+/// Writes the figures so far to `path`: a run cut short (the test bed's level-1 VM has
+/// frozen under long runs) still leaves them.
 fn write_partial(
     plan: &Plan,
     samples: &[CycleSample],
     before: &HostCounts,
-    work: &Path,
+    path: &Path,
 ) -> Result<(), String> {
     let so_far = summarise(
         plan,
@@ -344,9 +357,8 @@ fn write_partial(
         before.clone(),
         HostCounts::now()?,
     )?;
-    let path = work.join("churn-partial.json");
     let text = serde_json::to_string_pretty(&so_far).map_err(|e| e.to_string())?;
-    fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// The platform's persistent TAP, deleted when dropped.

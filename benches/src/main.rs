@@ -8,7 +8,7 @@
 //! `ember-bench agent [--runs N] [--execs N] [--mib M] [--json PATH] [--no-peer]`
 //! `ember-bench api [--runs N] [--requests N] [--json PATH] [--no-peer]`
 //! `ember-bench snapshot [--runs N] [--sizes MIB,MIB] [--clones N] [--json PATH]`
-//! `ember-bench churn [--cycles N] [--max-minutes M] [--ember-creates-tap] [--json PATH]`
+//! `ember-bench churn [--cycles N] [--max-minutes M] [--ember-creates-tap] [--pause-ms MS] [--json PATH]`
 //! `ember-bench density [--target N] [--batch N] [--reserve-mib MIB] [--json PATH]`
 
 mod agent;
@@ -85,6 +85,9 @@ struct ChurnArgs {
     /// Each ember creates the TAP itself instead of attaching to a persistent one.
     #[arg(long)]
     ember_creates_tap: bool,
+    /// Pause between an ember's exit and the next start, ms (not counted in the cycle).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -559,6 +562,7 @@ fn churn_bench(
         cycles: args.cycles,
         budget: args.max_minutes.map(|m| Duration::from_secs(60 * m)),
         ember_creates_tap: args.ember_creates_tap,
+        pause: Duration::from_millis(args.pause_ms),
     };
     let r = churn::run(&plan, art, work)?;
     println!(
@@ -733,6 +737,7 @@ fn rerun_nested(cli: &Cli) -> Result<(), String> {
             if a.ember_creates_tap {
                 c += " --ember-creates-tap";
             }
+            c += &format!(" --pause-ms {}", a.pause_ms);
             // A cycle takes well under a minute even in the test bed.
             let minutes = 10 + a.max_minutes.unwrap_or(a.cycles as u64);
             (c, "bench-churn", 2048, minutes)
