@@ -21,7 +21,7 @@
 //! - Memory: the guest (1 vCPU, 128 MiB, the standard kernel and initramfs, staying up)
 //!   booted to ember-init's ready line, [`SETTLE`] later the VMM's resident memory minus the
 //!   guest memory it has touched. Ember boots from a config file with its API socket open;
-//!   QEMU with its QMP socket open. See [`MemorySample`] for how the figures are read.
+//!   QEMU with its QMP socket open. See [`crate::procfs::MemorySample`] for how the figures are read.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -38,6 +38,7 @@ use serde_json::{json, Value};
 use testbed::{Artifacts, GuestSpec, TEST_BOOT_ARGS};
 
 use crate::boot::{alternate, Vmm};
+use crate::procfs::{read_memory, MemorySample};
 use crate::stats::{percentile, sorted, Summary};
 
 /// The guest of the memory measurement, as the issue asks: 1 vCPU, 128 MiB.
@@ -77,31 +78,6 @@ struct ControlSample {
     p50_us: f64,
     p99_us: f64,
     requests_per_s: f64,
-}
-
-/// The resident memory of a VMM with a booted guest, from `/proc/PID/smaps`, in KiB.
-///
-/// The guest memory mapping is the one private anonymous read-write mapping exactly the
-/// guest's size (Ember maps each RAM range on its own, 2 MiB-aligned; QEMU maps its RAM
-/// block the same way, its guard page being a separate mapping); anything else is an error
-/// rather than a guess. "Guest memory touched" is that mapping's `Rss`: the guest pages
-/// the host backs, whoever touched them first (the VMM loading the kernel and initramfs, or
-/// the guest), counted whole huge pages where THP backs them. Totals are the sums over all
-/// mappings of the same snapshot (`Rss`, and `Anonymous` for the anonymous part), not
-/// `/proc/PID/status`, whose per-thread counters may lag. Memory the kernel spends for KVM
-/// (page tables, vCPU state) is in neither figure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemorySample {
-    pub rss_kib: u64,
-    pub anonymous_kib: u64,
-    pub guest_touched_kib: u64,
-}
-
-impl MemorySample {
-    /// Resident memory that is not guest memory.
-    fn overhead_kib(&self) -> u64 {
-        self.rss_kib.saturating_sub(self.guest_touched_kib)
-    }
 }
 
 /// Runs `runs` rounds per VMM, alternating who goes first; each round measures a fresh
@@ -564,123 +540,9 @@ fn press_ctrl_alt_del(vmm: Vmm, socket: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// One mapping of `/proc/PID/smaps`: its header and the sizes we need, in KiB.
-#[derive(Debug, Default)]
-struct Mapping {
-    header: String,
-    perms: String,
-    anonymous_name: bool,
-    size_kib: u64,
-    rss_kib: u64,
-    anonymous_kib: u64,
-}
-
-/// Parses `/proc/PID/smaps`: a header line per mapping (`start-end perms offset dev inode
-/// [path]`) followed by `Key: value kB` lines.
-fn parse_smaps(text: &str) -> Vec<Mapping> {
-    let mut mappings: Vec<Mapping> = Vec::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let Some(first) = words.first() else { continue };
-        let is_header = first.split_once('-').is_some_and(|(a, b)| {
-            u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
-        });
-        if is_header {
-            mappings.push(Mapping {
-                header: line.to_string(),
-                perms: words.get(1).unwrap_or(&"").to_string(),
-                anonymous_name: words.len() <= 5,
-                ..Mapping::default()
-            });
-            continue;
-        }
-        let (Some(mapping), Some(value)) = (mappings.last_mut(), words.get(1)) else {
-            continue;
-        };
-        let value = value.parse().unwrap_or(0);
-        match *first {
-            "Size:" => mapping.size_kib = value,
-            "Rss:" => mapping.rss_kib = value,
-            "Anonymous:" => mapping.anonymous_kib = value,
-            _ => {}
-        }
-    }
-    mappings
-}
-
-/// The memory figures of one smaps snapshot; see [`MemorySample`].
-fn read_memory(smaps: &str, guest_kib: u64) -> Result<MemorySample, String> {
-    let mappings = parse_smaps(smaps);
-    let guest: Vec<&Mapping> = mappings
-        .iter()
-        .filter(|m| m.anonymous_name && m.perms == "rw-p" && m.size_kib == guest_kib)
-        .collect();
-    let [guest] = guest.as_slice() else {
-        let found: Vec<&str> = guest.iter().map(|m| m.header.as_str()).collect();
-        return Err(format!(
-            "expected one private anonymous rw mapping of {guest_kib} KiB (guest memory), \
-             found {}: {found:?}",
-            found.len()
-        ));
-    };
-    Ok(MemorySample {
-        rss_kib: mappings.iter().map(|m| m.rss_kib).sum(),
-        anonymous_kib: mappings.iter().map(|m| m.anonymous_kib).sum(),
-        guest_touched_kib: guest.rss_kib,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const SMAPS: &str = "\
-55d0c0000000-55d0c0200000 r-xp 00000000 fe:00 123 /usr/bin/ember
-Size:               2048 kB
-Rss:                1500 kB
-Anonymous:             0 kB
-VmFlags: rd ex mr mw me
-7f0000000000-7f0008000000 rw-p 00000000 00:00 0 
-Size:             131072 kB
-Rss:               40960 kB
-Anonymous:         40960 kB
-AnonHugePages:     40960 kB
-VmFlags: rd wr mr mw me ac hg
-7f0008000000-7f000c000000 rw-p 00000000 00:00 0 
-Size:              65536 kB
-Rss:                 300 kB
-Anonymous:           300 kB
-7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
-Size:                132 kB
-Rss:                  20 kB
-Anonymous:            20 kB
-";
-
-    #[test]
-    fn guest_mapping_and_totals_from_smaps() {
-        let m = read_memory(SMAPS, 128 << 10).unwrap();
-        assert_eq!(
-            m,
-            MemorySample {
-                rss_kib: 1500 + 40960 + 300 + 20,
-                anonymous_kib: 40960 + 300 + 20,
-                guest_touched_kib: 40960,
-            }
-        );
-        assert_eq!(m.overhead_kib(), 1820);
-    }
-
-    #[test]
-    fn no_guess_without_exactly_one_guest_sized_mapping() {
-        let err = read_memory(SMAPS, 256 << 10).unwrap_err();
-        assert!(err.contains("found 0"), "{err}");
-        let twice = format!(
-            "{SMAPS}{}",
-            SMAPS.lines().skip(5).take(6).collect::<Vec<_>>().join("\n")
-        );
-        let err = read_memory(&twice, 128 << 10).unwrap_err();
-        assert!(err.contains("found 2"), "{err}");
-    }
 
     #[test]
     fn qemu_args_open_qmp_and_leave_pausing_to_the_caller() {

@@ -8,11 +8,16 @@
 //! `ember-bench agent [--runs N] [--execs N] [--mib M] [--json PATH] [--no-peer]`
 //! `ember-bench api [--runs N] [--requests N] [--json PATH] [--no-peer]`
 //! `ember-bench snapshot [--runs N] [--sizes MIB,MIB] [--clones N] [--json PATH]`
+//! `ember-bench churn [--cycles N] [--max-minutes M] [--ember-creates-tap] [--pause-ms MS] [--json PATH]`
+//! `ember-bench density [--target N] [--batch N] [--reserve-mib MIB] [--json PATH]`
 
 mod agent;
 mod api;
 mod boot;
+mod churn;
+mod density;
 mod devices;
+mod procfs;
 mod snapshot;
 mod snapshot_diff;
 mod stats;
@@ -60,6 +65,46 @@ enum Bench {
     /// time and private memory per clone; with dirty page tracking, Diff create time and
     /// diff file size against a Full create of the same guest.
     Snapshot(SnapshotArgs),
+    /// Cycles of create, boot to the agent (1 vCPU, 128 MiB, TAP, vsock), one exec and a
+    /// clean end: per-cycle time, ember's descriptors, threads and memory at agent-ready,
+    /// and what is left behind (TAPs, files, descriptors, threads).
+    Churn(ChurnArgs),
+    /// 128 MiB guests with agents started in batches until a target count, a failed boot or
+    /// low memory; every guest answers with its own name; host memory and PSS per VM.
+    Density(DensityArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ChurnArgs {
+    /// Cycles to run.
+    #[arg(long, default_value_t = 500)]
+    cycles: usize,
+    /// Start no cycle after this many minutes; the report says how many ran.
+    #[arg(long)]
+    max_minutes: Option<u64>,
+    /// Each ember creates the TAP itself instead of attaching to a persistent one.
+    #[arg(long)]
+    ember_creates_tap: bool,
+    /// Pause between an ember's exit and the next start, ms (not counted in the cycle).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct DensityArgs {
+    /// Guests to reach.
+    #[arg(long, default_value_t = 64)]
+    target: usize,
+    /// Guests started at once.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// MiB the host keeps available: no batch starts that would eat into it.
+    #[arg(long, default_value_t = 512)]
+    reserve_mib: u64,
+    /// Memory of the level-1 VM in the nested test bed, MiB (default: enough for the
+    /// target, at most 16384).
+    #[arg(long)]
+    bed_mib: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -163,6 +208,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         Bench::Agent(args) => agent_bench(args, &art, &work)?,
         Bench::Api(args) => api_bench(args, &art, &work)?,
         Bench::Snapshot(args) => snapshot_bench(args, &art, &work)?,
+        Bench::Churn(args) => churn_bench(args, &art, &work)?,
+        Bench::Density(args) => density_bench(args, &art, &work)?,
     };
     if let Some(path) = &cli.json {
         ensure_parent_dir(path)?;
@@ -503,6 +550,129 @@ fn snapshot_bench(
     }))
 }
 
+fn churn_bench(
+    args: &ChurnArgs,
+    art: &Artifacts,
+    work: &Path,
+) -> Result<serde_json::Value, String> {
+    if args.cycles == 0 {
+        return Err("--cycles must be at least 1".into());
+    }
+    let plan = churn::Plan {
+        cycles: args.cycles,
+        budget: args.max_minutes.map(|m| Duration::from_secs(60 * m)),
+        ember_creates_tap: args.ember_creates_tap,
+        pause: Duration::from_millis(args.pause_ms),
+    };
+    let r = churn::run(&plan, art, work)?;
+    println!(
+        "churn: {} of {} cycles of create, boot to agent ({} MiB, 1 vCPU, TAP {}, vsock), \
+         exec, poweroff; {}",
+        r.cycles_run,
+        r.cycles_planned,
+        r.mem_mib,
+        if r.ember_creates_tap {
+            "created by ember"
+        } else {
+            "persistent"
+        },
+        environment()
+    );
+    if let Some(why) = &r.stopped_early {
+        println!("stopped early: {why}");
+    }
+    println!("{:<40} {:>12} {:>12}", "metric", "median", "p90");
+    let row = |name: &str, s: &stats::Summary| {
+        println!("{name:<40} {:>12.1} {:>12.1}", s.median, s.p90);
+    };
+    row("cycle (ms)", &r.cycle_ms);
+    row("start -> agent ready (ms)", &r.to_agent_ready_ms);
+    row("ember RSS (MiB)", &r.rss_mib);
+    row("ember PSS (MiB)", &r.pss_mib);
+    row("ember RSS - guest touched (MiB)", &r.overhead_mib);
+    row(
+        "ember private non-guest anon (MiB)",
+        &r.private_non_guest_mib,
+    );
+    let l = &r.leaks;
+    println!(
+        "leaks (after - before): TAPs {}, /tmp entries {}, harness fds {}, harness threads {}; \
+         cycles leaving files {}, leaving the TAP {}",
+        l.tap_interfaces,
+        l.tmp_entries,
+        l.harness_fds,
+        l.harness_threads,
+        l.cycles_with_files_left,
+        l.cycles_with_tap_left
+    );
+    println!(
+        "ember at agent-ready: fds {:?}, threads {:?} (one value each: constant)",
+        l.ember_fd_counts_seen, l.ember_thread_counts_seen
+    );
+    Ok(json!({
+        "benchmark": "churn",
+        "metric": "ms per cycle and to agent-ready; ember's MiB at agent-ready from /proc/PID/smaps; \
+                   leak counts as after minus before (expected 0)",
+        "environment": environment(),
+        "results": r,
+    }))
+}
+
+fn density_bench(
+    args: &DensityArgs,
+    art: &Artifacts,
+    work: &Path,
+) -> Result<serde_json::Value, String> {
+    if args.target == 0 || args.batch == 0 {
+        return Err("--target and --batch must be at least 1".into());
+    }
+    let plan = density::Plan {
+        target: args.target,
+        batch: args.batch,
+        mem_mib: churn::MEM_MIB,
+        reserve_mib: args.reserve_mib,
+    };
+    let r = density::run(&plan, art, work)?;
+    println!(
+        "density: {} MiB guests with agents, batches of {}; {}",
+        r.mem_mib,
+        r.batch,
+        environment()
+    );
+    println!(
+        "reached {} of {} (stopped: {}); {} answered an exec with their own name",
+        r.reached, r.target, r.stopped_because, r.answered_distinctly
+    );
+    println!(
+        "host memory with all running: {:.0} MiB available, {:.0} MiB free of {:.0} MiB \
+         ({:.0} MiB available before)",
+        r.host_mem_available_mib,
+        r.host_mem_free_mib,
+        r.host_mem_total_mib,
+        r.host_mem_available_before_mib
+    );
+    println!("{:<40} {:>12} {:>12}", "per VM", "median", "p90");
+    for (name, s) in [
+        ("PSS (MiB)", &r.pss_mib),
+        ("RSS (MiB)", &r.rss_mib),
+        ("private (MiB)", &r.private_mib),
+        (
+            "ember private non-guest anon (MiB)",
+            &r.private_non_guest_mib,
+        ),
+        ("batch start -> all agents ready (ms)", &r.batch_to_ready_ms),
+    ] {
+        println!("{name:<40} {:>12.1} {:>12.1}", s.median, s.p90);
+    }
+    Ok(json!({
+        "benchmark": "density",
+        "metric": "guests reaching agent-ready; host MiB from /proc/meminfo; per-VM MiB from \
+                   /proc/PID/smaps_rollup and smaps",
+        "environment": environment(),
+        "results": r,
+    }))
+}
+
 /// Runs this same command inside the nested test bed and relays its output.
 fn rerun_nested(cli: &Cli) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -558,6 +728,28 @@ fn rerun_nested(cli: &Cli) -> Result<(), String> {
             let minutes =
                 10 + 4 * (a.runs * a.sizes.len()) as u64 + 2 * a.runs as u64 + a.clones as u64 / 2;
             (c, "bench-snapshot", mem, minutes)
+        }
+        Bench::Churn(a) => {
+            let mut c = format!("churn --cycles {}", a.cycles);
+            if let Some(m) = a.max_minutes {
+                c += &format!(" --max-minutes {m}");
+            }
+            if a.ember_creates_tap {
+                c += " --ember-creates-tap";
+            }
+            c += &format!(" --pause-ms {}", a.pause_ms);
+            // A cycle takes well under a minute even in the test bed.
+            let minutes = 10 + a.max_minutes.unwrap_or(a.cycles as u64);
+            (c, "bench-churn", 2048, minutes)
+        }
+        Bench::Density(a) => {
+            let c = format!(
+                "density --target {} --batch {} --reserve-mib {}",
+                a.target, a.batch, a.reserve_mib
+            );
+            let need = 1024 + a.reserve_mib as u32 + a.target as u32 * (churn::MEM_MIB + 48);
+            let mem = a.bed_mib.unwrap_or(need.min(16384));
+            (c, "bench-density", mem, 15 + 2 * a.target as u64)
         }
     };
     let script = format!(

@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use testbed::{Artifacts, GuestSpec};
 
+use crate::procfs::{rollup, Rollup};
 use crate::snapshot_diff::{self, DiffResults};
 use crate::stats::Summary;
 
@@ -337,35 +338,6 @@ impl Drop for Clones {
     }
 }
 
-/// A process's memory from `/proc/PID/smaps_rollup`, MiB.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Rollup {
-    private_mib: f64,
-    pss_mib: f64,
-    rss_mib: f64,
-}
-
-fn rollup(pid: u64) -> Result<Rollup, String> {
-    let path = format!("/proc/{pid}/smaps_rollup");
-    let text = fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    parse_rollup(&text).ok_or_else(|| format!("{path} has no Rss/Pss/Private lines"))
-}
-
-/// Sums the `Key: N kB` lines of smaps_rollup into MiB.
-fn parse_rollup(text: &str) -> Option<Rollup> {
-    let kib = |key: &str| {
-        text.lines().find_map(|l| {
-            let rest = l.strip_prefix(key)?.strip_prefix(':')?;
-            rest.trim().strip_suffix("kB")?.trim().parse::<f64>().ok()
-        })
-    };
-    Some(Rollup {
-        private_mib: (kib("Private_Clean")? + kib("Private_Dirty")?) / 1024.0,
-        pss_mib: kib("Pss")? / 1024.0,
-        rss_mib: kib("Rss")? / 1024.0,
-    })
-}
-
 /// A VMM process with its console and log in `dir`. Ended through its guest's agent
 /// ([`Vm::shut_down`]); killed when dropped only if a measurement failed first.
 pub(crate) struct Vm {
@@ -388,6 +360,15 @@ impl Vm {
             child,
             dir: dir.to_path_buf(),
         })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How the VMM ended, once it has.
+    pub(crate) fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub(crate) fn logs(&self) -> String {
@@ -485,27 +466,5 @@ pub(crate) fn request(socket: &Path, method: &str, path: &str, body: Value) -> R
         Ok(())
     } else {
         Err(format!("{method} {path}: {}", answer.fault_message()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn smaps_rollup_parses() {
-        let text = "55d0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:               20480 kB\n\
-                    Pss:               10240 kB\nPss_Anon:           1024 kB\n\
-                    Private_Clean:      2048 kB\nPrivate_Dirty:      3072 kB\n";
-        let r = parse_rollup(text).unwrap();
-        assert_eq!(
-            r,
-            Rollup {
-                private_mib: 5.0,
-                pss_mib: 10.0,
-                rss_mib: 20.0
-            }
-        );
-        assert!(parse_rollup("Rss: 1 kB\n").is_none());
     }
 }

@@ -72,9 +72,12 @@
 //! - `{"op":"write_file","path":P,"mode":M,"mkdirs":B}` ([`WriteFileRequest`], `mode`
 //!   default 0o644, `mkdirs` default false) -> the host sends DATA frames and an empty DATA
 //!   frame; the agent writes a temporary file in P's directory, fsyncs it, renames it over P
-//!   and answers RESPONSE `{"written":N}`. An upload that breaks off never leaves a truncated
-//!   P. When writing fails, the agent still reads the DATA frames to the end, then answers
-//!   ERROR.
+//!   and answers RESPONSE `{"written":N}`; P only ever names a whole upload. An upload that
+//!   breaks off (the host hangs up or resets before the empty DATA frame) or fails leaves P
+//!   as it was, the earlier file or none, and the temporary file is removed. Only a guest
+//!   that stops mid-upload (a crash, a power cut) can leave the temporary
+//!   `.NAME.ember-<pid>-<n>.tmp` behind in P's directory; it never takes P's name. When
+//!   writing fails, the agent still reads the DATA frames to the end, then answers ERROR.
 //! - `{"op":"read_file","path":P}` -> RESPONSE `{"size":N,"mode":M}`, DATA frames, an empty
 //!   DATA frame (or an ERROR frame if reading fails midway). `size` is what stat said; the
 //!   DATA frames carry whatever the file holds when read (files in /proc say 0).

@@ -7,6 +7,7 @@
 //! [`vstate::vcpu::VcpuHandle`].
 
 pub mod arch;
+pub mod bound_sockets;
 pub mod device_manager;
 pub mod devices;
 pub mod metrics;

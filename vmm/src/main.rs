@@ -88,6 +88,8 @@ fn main() -> ExitCode {
             }
         }
     };
+    // No destructors run from here on: the sockets ember bound are removed by hand.
+    vmm::bound_sockets::remove_all();
     // vCPU threads may still sit in KVM_RUN; leaving the process ends them.
     std::process::exit(i32::from(code));
 }

@@ -35,16 +35,41 @@ pub struct Ember {
 
 impl Ember {
     pub fn spawn(dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn_wrapped(dir, &[], extra)
+    }
+
+    /// Like [`Ember::spawn`], with ember started through `wrapper` (a command that execs
+    /// its arguments, such as `ip netns exec NS`), so the pid is still ember's.
+    pub fn spawn_wrapped(dir: &Path, wrapper: &[&str], extra: &[&str]) -> Self {
         let art = artifacts();
-        Self::start(&art.ember.clone(), dir, extra, Some(art))
+        Self::start_wrapped(&art.ember.clone(), wrapper, dir, extra, Some(art))
     }
 
     /// Starts the `ember` binary at `ember` with `--api-sock` in `dir`; `art`, the guest
     /// artifacts, are needed only by `emberctl`.
     pub fn start(ember: &Path, dir: &Path, extra: &[&str], art: Option<Artifacts>) -> Self {
+        Self::start_wrapped(ember, &[], dir, extra, art)
+    }
+
+    /// [`Ember::start`] through `wrapper` (see [`Ember::spawn_wrapped`]).
+    fn start_wrapped(
+        ember: &Path,
+        wrapper: &[&str],
+        dir: &Path,
+        extra: &[&str],
+        art: Option<Artifacts>,
+    ) -> Self {
         fs::create_dir_all(dir).unwrap();
         let sock = dir.join("api.sock");
-        let child = Command::new(ember)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(ember);
+                c
+            }
+            None => Command::new(ember),
+        };
+        let child = command
             .arg("--api-sock")
             .arg(&sock)
             .args(extra)
@@ -108,8 +133,14 @@ impl Ember {
             .args(args))
     }
 
+    /// The ember process's id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether ember is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     /// The `Seccomp:` mode from /proc of each of Ember's threads.
@@ -267,13 +298,24 @@ pub fn boot_with_agent(dir: &Path, spec: &GuestSpec, uds: &Path) -> (Ember, Agen
 /// Boots the VM configuration `config_json` (whose guest serves the agent at `uds`) in an
 /// ember in `dir/first`; returns the VM and its agent once ready.
 pub fn boot_with_config(dir: &Path, config_json: &str, uds: &Path) -> (Ember, AgentClient) {
+    boot_wrapped(dir, config_json, uds, &[])
+}
+
+/// [`boot_with_config`] with ember started through `wrapper` ([`Ember::spawn_wrapped`]).
+pub fn boot_wrapped(
+    dir: &Path,
+    config_json: &str,
+    uds: &Path,
+    wrapper: &[&str],
+) -> (Ember, AgentClient) {
     let config = dir.join("vm.json");
     fs::write(&config, config_json).unwrap();
     let ready_uds = uds.to_path_buf();
     let ready =
         std::thread::spawn(move || api::agent::wait_ready(&ready_uds, Duration::from_secs(900)));
-    let vm = Ember::spawn(
+    let vm = Ember::spawn_wrapped(
         &dir.join("first"),
+        wrapper,
         &["--config-file", config.to_str().unwrap()],
     );
     ready

@@ -59,7 +59,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         }
         fs::remove_file(path).map_err(|e| ServerError::RemoveStale(path.to_path_buf(), e))?;
     }
-    UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))
+    let listener =
+        UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+    crate::bound_sockets::record(path);
+    Ok(listener)
 }
 
 /// Serves `listener` on the API thread; requests go to `requests`, and `wake` is written

@@ -7,6 +7,12 @@
 //! a full ring (the TAP's own queue holds the rest). Transmit: each chain is gathered into
 //! one frame and written. Chains with descriptors of the wrong direction, outside guest
 //! memory or too large are dropped and counted; the VMM keeps running.
+//!
+//! A TAP deleted while the VM runs (`ip link del`) leaves our descriptor detached: reads
+//! and writes fail with `EBADFD` and epoll reports it as an error. The device then logs one
+//! warning naming the TAP, stops reading and watching it, and drops (and counts in
+//! `tx_dropped`) every frame the guest sends; the guest and the rest of the VM go on. A TAP
+//! made again under the same name is a new interface this descriptor never reaches.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -92,6 +98,10 @@ pub struct Net<B: FrameBackend = Tap> {
     pub(super) rx_pending: Option<usize>,
     tx_frame: Vec<u8>,
     pub counters: Arc<NetCounters>,
+    /// The backend went away for good (see the module docs): it is read and written no more.
+    pub(super) backend_lost: bool,
+    /// Whether the backend's fd is on the event loop (taken off once it is lost).
+    pub(super) backend_watched: bool,
 }
 
 impl Net<Tap> {
@@ -121,7 +131,40 @@ impl<B: FrameBackend> Net<B> {
             rx_pending: None,
             tx_frame: vec![0; MAX_FRAME],
             counters: Arc::new(NetCounters::default()),
+            backend_lost: false,
+            backend_watched: false,
         })
+    }
+
+    /// Whether the backend is gone for good (a deleted TAP).
+    pub fn backend_lost(&self) -> bool {
+        self.backend_lost
+    }
+
+    /// Notes a failed read or write: a detached TAP (`EBADFD`, or `ENODEV`/`ENXIO`) is
+    /// gone for good and said so once; anything else (a TAP that is down, a full queue) only
+    /// costs the frame.
+    fn backend_failed(&mut self, error: &io::Error) {
+        let gone = matches!(
+            error.raw_os_error(),
+            Some(libc::EBADFD | libc::ENODEV | libc::ENXIO)
+        );
+        if !gone || self.backend_lost {
+            return;
+        }
+        self.backend_lost = true;
+        self.rx_pending = None;
+        crate::rpc::logger::log(
+            api::requests::LogLevel::Warning,
+            "net",
+            &format!(
+                "network-interfaces[{}]: TAP {} is gone ({error}); the guest's frames are \
+                 dropped and counted in tx_dropped and none are received; the VM goes on. \
+                 A TAP made again under that name is not reattached: restart or restore the \
+                 VM to use it",
+                self.iface_id, self.host_dev_name
+            ),
+        );
     }
 
     /// Moves frames from the backend into guest buffers; true when the guest should be told.
@@ -129,6 +172,9 @@ impl<B: FrameBackend> Net<B> {
         let Some(active) = &self.common.active else {
             return false;
         };
+        if self.backend_lost {
+            return false;
+        }
         let mem = active.mem.clone();
         let mut used_any = false;
         loop {
@@ -140,9 +186,13 @@ impl<B: FrameBackend> Net<B> {
                         bump(&self.counters.rx_dropped, 1);
                         continue;
                     }
-                    // WouldBlock: drained. Other errors: the TAP went away; try again on
-                    // the next event rather than spin.
-                    Err(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // WouldBlock: drained. A TAP that is gone is noted and read no more;
+                    // other errors are tried again on the next event rather than spun on.
+                    Err(e) => {
+                        self.backend_failed(&e);
+                        break;
+                    }
                 },
             };
             self.rx_pending = Some(len);
@@ -188,14 +238,19 @@ impl<B: FrameBackend> Net<B> {
         while let Some(chain) = self.common.queues[TX].pop_descriptor_chain(mem.as_ref()) {
             let head = chain.head_index();
             match gather(&mem, chain, &mut self.tx_frame) {
+                Some(_) if self.backend_lost => bump(&self.counters.tx_dropped, 1),
                 Some(len) if len >= VNET_HDR_LEN => {
                     match self.backend.write_frame(&self.tx_frame[..len]) {
                         Ok(_) => {
                             bump(&self.counters.tx_frames, 1);
                             bump(&self.counters.tx_bytes, (len - VNET_HDR_LEN) as u64);
                         }
-                        // A full or vanished TAP drops the frame, as a congested link would.
-                        Err(_) => bump(&self.counters.tx_dropped, 1),
+                        // A full, down or vanished TAP drops the frame, as a congested or
+                        // cut link would.
+                        Err(e) => {
+                            bump(&self.counters.tx_dropped, 1);
+                            self.backend_failed(&e);
+                        }
                     }
                 }
                 _ => {
@@ -449,6 +504,61 @@ mod tests {
         let n = r.peer.recv(&mut got).unwrap();
         assert_eq!(&got[..n], f.as_slice());
         assert_eq!(vq.used().idx().load(), 1);
+    }
+
+    /// A TAP deleted under us: every read and write fails with EBADFD; counts the calls.
+    struct Detached {
+        fd: UnixDatagram,
+        calls: u32,
+    }
+
+    impl AsRawFd for Detached {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.fd.as_raw_fd()
+        }
+    }
+
+    impl FrameBackend for Detached {
+        fn read_frame(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            Err(io::Error::from_raw_os_error(libc::EBADFD))
+        }
+        fn write_frame(&mut self, _: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            Err(io::Error::from_raw_os_error(libc::EBADFD))
+        }
+    }
+
+    #[test]
+    fn a_deleted_tap_is_given_up_and_the_guests_frames_are_dropped() {
+        let mut r = rig();
+        let spec = NetSpec {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: None,
+        };
+        let backend = Detached {
+            fd: UnixDatagram::pair().unwrap().0,
+            calls: 0,
+        };
+        let mut net = Net::with_backend(&spec, backend).unwrap();
+        net.common.active = r.net.common.active.take();
+        let f = frame(b"to nowhere");
+        r.mem.write_slice(&f, GuestAddress(0x10_0000)).unwrap();
+        let chain: &[(u64, u32, bool)] = &[(0x10_0000, f.len() as u32, false)];
+        let vq = load_queue(&r.mem, &[chain, chain, chain]);
+        net.common.queues[TX] = vq.create_queue().unwrap();
+        // The backend's error wakes the device: one read finds the TAP gone.
+        assert!(!net.process_rx());
+        assert!(net.backend_lost());
+        assert_eq!(net.backend.calls, 1);
+        // The guest's frames are completed (its ring does not fill up) and counted as
+        // dropped without touching the dead descriptor again.
+        assert!(net.process_tx());
+        assert_eq!(vq.used().idx().load(), 3);
+        assert_eq!(net.counters.tx_dropped.load(Ordering::Relaxed), 3);
+        assert!(!net.process_rx());
+        assert_eq!(net.backend.calls, 1, "no reads or writes after the loss");
     }
 
     #[test]

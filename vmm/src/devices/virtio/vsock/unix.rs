@@ -43,6 +43,7 @@ pub fn listen(path: &Path) -> Result<UnixListener, VsockError> {
         std::fs::remove_file(path).map_err(|e| VsockError::RemoveStale(path.into(), e))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| VsockError::Listen(path.into(), e))?;
+    crate::bound_sockets::record(path);
     listener
         .set_nonblocking(true)
         .map_err(|e| VsockError::Listen(path.into(), e))?;
