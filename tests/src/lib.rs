@@ -774,6 +774,29 @@ impl Drop for BedLock {
     }
 }
 
+/// (thread name, `Seccomp:` mode from /proc) for each thread of process `pid`; a thread
+/// that ends between the listing and the read is left out.
+pub fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut modes = Vec::new();
+    for task in tasks.flatten() {
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        modes.push((field("Name:"), field("Seccomp:")));
+    }
+    modes
+}
+
 /// Boot arguments for test and benchmark guests: quiet console, power off once ready.
 pub const TEST_BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd quiet ember.test=poweroff";

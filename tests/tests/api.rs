@@ -65,23 +65,7 @@ impl Ember {
 
     /// (thread name, `Seccomp:` mode from /proc) for each of Ember's threads.
     fn seccomp_modes(&self) -> Vec<(String, String)> {
-        let pid = self.child.as_ref().unwrap().id();
-        let mut modes = Vec::new();
-        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            // A connection thread may end between the listing and the read.
-            let Ok(status) = fs::read_to_string(task.unwrap().path().join("status")) else {
-                continue;
-            };
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(|v| v.trim().to_string())
-                    .unwrap_or_default()
-            };
-            modes.push((field("Name:"), field("Seccomp:")));
-        }
-        modes
+        testbed::seccomp_modes(self.child.as_ref().unwrap().id())
     }
 
     fn try_get(&self, path: &str) -> Option<ApiResponse> {

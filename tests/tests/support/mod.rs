@@ -145,23 +145,7 @@ impl Ember {
 
     /// The `Seccomp:` mode from /proc of each of Ember's threads.
     pub fn seccomp_modes(&self) -> Vec<(String, String)> {
-        let pid = self.pid();
-        let mut modes = Vec::new();
-        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            // A connection thread may end between the listing and the read.
-            let Ok(status) = fs::read_to_string(task.unwrap().path().join("status")) else {
-                continue;
-            };
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(|v| v.trim().to_string())
-                    .unwrap_or_default()
-            };
-            modes.push((field("Name:"), field("Seccomp:")));
-        }
-        modes
+        testbed::seccomp_modes(self.pid())
     }
 
     /// Pauses the VM and writes a full snapshot to `state` and `mem`.
