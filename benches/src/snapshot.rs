@@ -167,17 +167,8 @@ fn create_runs(
     let dir = work.join(format!("snap-{mem_mib}"));
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let uds = dir.join("v.sock");
-    let config = dir.join("vm.json");
-    fs::write(&config, guest(art, root, mem_mib, &uds).config_json())
-        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-    let api_sock = dir.join("api.sock");
-    let mut cmd = Command::new(&art.ember);
-    cmd.arg("--api-sock")
-        .arg(&api_sock)
-        .arg("--config-file")
-        .arg(&config);
-    let mut vm = Vm::spawn(cmd, &dir)?;
-    api::agent::wait_ready(&uds, LIMIT).map_err(|e| format!("{e}{}", vm.logs()))?;
+    let config = guest(art, root, mem_mib, &uds).config_json();
+    let (mut vm, api_sock) = boot_config(art, &dir, &config, &uds)?;
     let files = SnapshotFiles {
         state: dir.join("vm.state"),
         mem: dir.join("vm.mem"),
@@ -203,6 +194,28 @@ fn create_runs(
     }
     vm.shut_down(&uds)?;
     Ok((samples, files))
+}
+
+/// Starts an ember in `dir` on the VM configuration `config` (written to `dir/vm.json`),
+/// whose guest serves the agent at `uds`; returns it and its API socket once the agent is
+/// ready.
+pub(crate) fn boot_config(
+    art: &Artifacts,
+    dir: &Path,
+    config: &str,
+    uds: &Path,
+) -> Result<(Vm, PathBuf), String> {
+    let path = dir.join("vm.json");
+    fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let api_sock = dir.join("api.sock");
+    let mut cmd = Command::new(&art.ember);
+    cmd.arg("--api-sock")
+        .arg(&api_sock)
+        .arg("--config-file")
+        .arg(&path);
+    let vm = Vm::spawn(cmd, dir)?;
+    api::agent::wait_ready(uds, LIMIT).map_err(|e| format!("{e}{}", vm.logs()))?;
+    Ok((vm, api_sock))
 }
 
 /// Checks that the guest's agent answers.

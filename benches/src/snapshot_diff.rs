@@ -11,7 +11,6 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use api::agent::{AgentClient, Exec};
@@ -19,7 +18,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use testbed::Artifacts;
 
-use crate::snapshot::{agent_answers, guest, request, Vm, LIMIT};
+use crate::snapshot::{agent_answers, boot_config, guest, request, Vm, LIMIT};
 use crate::stats::Summary;
 
 /// How much guest memory each run writes between the base and the diff, MiB.
@@ -104,17 +103,8 @@ pub fn run(
     let dir = work.join(format!("diff-{mem_mib}"));
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let uds = dir.join("v.sock");
-    let config = dir.join("vm.json");
     let json = with_dirty_tracking(&guest(art, root, mem_mib, &uds).config_json())?;
-    fs::write(&config, json).map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-    let api_sock = dir.join("api.sock");
-    let mut cmd = Command::new(&art.ember);
-    cmd.arg("--api-sock")
-        .arg(&api_sock)
-        .arg("--config-file")
-        .arg(&config);
-    let mut vm = Vm::spawn(cmd, &dir)?;
-    api::agent::wait_ready(&uds, LIMIT).map_err(|e| format!("{e}{}", vm.logs()))?;
+    let (mut vm, api_sock) = boot_config(art, &dir, &json, &uds)?;
     let mut samples = Vec::new();
     for run in 0..runs {
         let sample = one_cycle(&api_sock, &uds, &dir, &vm)?;
