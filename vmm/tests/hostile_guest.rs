@@ -22,7 +22,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::mmio::{reg, MmioTransport, CONFIG_SPACE};
-use vmm::devices::virtio::test_support::{MmioDriver, Ring, UsedElem, F_INDIRECT, F_NEXT, F_WRITE};
+use vmm::devices::virtio::test_support::{
+    post_vsock_rx, read_vsock_rx, MmioDriver, Ring, UsedElem, F_INDIRECT, F_NEXT, F_WRITE,
+};
 use vmm::devices::virtio::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use vmm::devices::BusDevice;
 use vmm::vstate::memory::{anonymous, GuestMemoryMmap};
@@ -1105,8 +1107,6 @@ mod vs {
     pub const RX_RING: u64 = 0x1_0000;
     pub const TX_RING: u64 = 0x2_0000;
     pub const EV_RING: u64 = 0x3_0000;
-    pub const RX_BUFS: u64 = 0x10_0000;
-    pub const RX_BUF_LEN: u32 = HEADER_LEN as u32 + 4096;
     pub const TX_BUFS: u64 = 0x40_0000;
     pub const TX_SLOT: u64 = 0x1_1000;
     pub const SIZE: u16 = 256;
@@ -1155,9 +1155,7 @@ mod vs {
             let ev = Ring::new(mem, EV_RING, SIZE);
             bench.start(&[&rx, &tx, &ev]);
             for id in 0..SIZE {
-                let addr = RX_BUFS + u64::from(id) * 0x2000;
-                rx.store(id, Descriptor::new(addr, RX_BUF_LEN, F_WRITE, 0));
-                rx.offer(id);
+                post_vsock_rx(&rx, id);
             }
             let mut rig = Self {
                 bench,
@@ -1244,16 +1242,8 @@ mod vs {
             while self.rx_seen != self.rx.used_idx() {
                 let elem = self.rx.used_elem(self.rx_seen);
                 self.rx_seen = self.rx_seen.wrapping_add(1);
-                let addr = RX_BUFS + u64::from(elem.id) * 0x2000;
-                let mut raw = [0u8; HEADER_LEN];
-                self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
-                let h = Header::from_bytes(&raw);
-                assert_eq!(elem.len, HEADER_LEN as u32 + h.len, "used length");
+                let (h, data) = read_vsock_rx(self.mem, elem);
                 assert_eq!((h.src_cid, h.dst_cid), (HOST_CID, GUEST_CID), "{h:?}");
-                let mut data = vec![0u8; h.len as usize];
-                self.mem
-                    .read_slice(&mut data, GuestAddress(addr + HEADER_LEN as u64))
-                    .unwrap();
                 got.push((h, data));
                 self.rx.offer(elem.id as u16);
             }

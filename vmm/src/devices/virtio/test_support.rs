@@ -232,3 +232,35 @@ impl FrameBackend for UnixDatagram {
         self.send(frame)
     }
 }
+
+/// Where the vsock test drivers put their receive buffers: buffer `id` at
+/// `VSOCK_RX_BUFS + id * 8 KiB`, room for a header and 4 KiB of data.
+pub const VSOCK_RX_BUFS: u64 = 0x10_0000;
+const VSOCK_RX_STRIDE: u64 = 0x2000;
+pub const VSOCK_RX_BUF_LEN: u32 = super::vsock::packet::HEADER_LEN as u32 + 4096;
+
+/// Gives the device receive buffer `id` in `ring` (a vsock receive queue).
+pub fn post_vsock_rx(ring: &Ring, id: u16) {
+    let addr = VSOCK_RX_BUFS + u64::from(id) * VSOCK_RX_STRIDE;
+    ring.store(id, Descriptor::new(addr, VSOCK_RX_BUF_LEN, F_WRITE, 0));
+    ring.offer(id);
+}
+
+/// The packet the device put in the receive buffer that `elem` returned: its header and
+/// data. Panics unless the used length is the header plus the data length it announces.
+pub fn read_vsock_rx(
+    mem: &GuestMemoryMmap,
+    elem: UsedElem,
+) -> (super::vsock::packet::Header, Vec<u8>) {
+    use super::vsock::packet::{Header, HEADER_LEN};
+    let addr = VSOCK_RX_BUFS + u64::from(elem.id) * VSOCK_RX_STRIDE;
+    let mut raw = [0u8; HEADER_LEN];
+    mem.read_slice(&mut raw, GuestAddress(addr))
+        .expect("the receive buffer is in guest memory");
+    let header = Header::from_bytes(&raw);
+    assert_eq!(elem.len, HEADER_LEN as u32 + header.len, "used length");
+    let mut data = vec![0u8; header.len as usize];
+    mem.read_slice(&mut data, GuestAddress(addr + HEADER_LEN as u64))
+        .expect("the receive buffer is in guest memory");
+    (header, data)
+}

@@ -23,7 +23,7 @@ use super::connection::DRAIN_TIMEOUT;
 use super::muxer::{Muxer, Watcher, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 use super::packet::{Header, Op, HEADER_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::{Vsock, VsockCounters, VsockSpec, EVQ, HOST_CID, QUEUE_SIZE, RX, TX};
-use crate::devices::virtio::test_support::Ring;
+use crate::devices::virtio::test_support::{post_vsock_rx, read_vsock_rx, Ring};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 
 const GUEST_CID: u64 = 3;
@@ -34,8 +34,6 @@ const F_WRITE: u16 = 2;
 const RX_RING: u64 = 0x0;
 const TX_RING: u64 = 0x4000;
 const EV_RING: u64 = 0x8000;
-const RX_BUFS: u64 = 0x10_0000;
-const RX_BUF_LEN: u32 = HEADER_LEN as u32 + 4096;
 const TX_BUFS: u64 = 0x40_0000;
 const TX_SLOT: u64 = 0x1_1000;
 const TX_SLOTS: u16 = 64;
@@ -142,10 +140,7 @@ impl<'m> Guest<'m> {
     }
 
     fn post_rx(&self, id: u16) {
-        let addr = RX_BUFS + u64::from(id) * 0x2000;
-        self.rx
-            .store(id, Descriptor::new(addr, RX_BUF_LEN, F_WRITE, 0));
-        self.rx.offer(id);
+        post_vsock_rx(&self.rx, id);
     }
 
     fn post_all_rx(&self) {
@@ -234,15 +229,7 @@ impl<'m> Guest<'m> {
         while self.rx_seen != self.rx.used_idx() {
             let elem = self.rx.used_elem(self.rx_seen);
             self.rx_seen = self.rx_seen.wrapping_add(1);
-            let addr = RX_BUFS + u64::from(elem.id) * 0x2000;
-            let mut raw = [0u8; HEADER_LEN];
-            self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
-            let h = Header::from_bytes(&raw);
-            assert_eq!(elem.len, HEADER_LEN as u32 + h.len, "used length");
-            let mut data = vec![0u8; h.len as usize];
-            self.mem
-                .read_slice(&mut data, GuestAddress(addr + HEADER_LEN as u64))
-                .unwrap();
+            let (h, data) = read_vsock_rx(self.mem, elem);
             self.on_packet(h, data);
             self.post_rx(elem.id as u16);
             reposted = true;
