@@ -1,5 +1,5 @@
-//! The agent over vsock: process start to agent-ready, the round trip of `exec true`, and
-//! file upload/download throughput. QEMU's microvm has no hybrid vsock (and vhost-vsock is
+//! The agent over vsock: process start to agent-ready, the round trip of `exec true`, the
+//! rate of a command's streamed output, and file upload/download throughput. QEMU's microvm has no hybrid vsock (and vhost-vsock is
 //! not available here), so its side of the comparison is boot to ember-init's serial ready
 //! line on the same kernel, root image and command line: the readiness a harness gets
 //! without an agent channel.
@@ -20,6 +20,7 @@ use crate::stats::{percentile, sorted, Summary};
 struct EmberSample {
     to_ready_ms: f64,
     exec_ms: Vec<f64>,
+    stdout_mib_s: f64,
     upload_mib_s: f64,
     download_mib_s: f64,
 }
@@ -34,6 +35,9 @@ pub struct AgentResults {
     /// Round trip of `exec true` (request to exit status), every call of every boot.
     pub exec_true_ms: Summary,
     pub exec_true_p99_ms: f64,
+    /// A command's output streamed to the host: `dd` writing `mib` MiB to stdout in 4 KiB
+    /// writes, as a program's stdio does.
+    pub exec_stdout_mib_s: Summary,
     pub upload_mib_s: Summary,
     pub download_mib_s: Summary,
 }
@@ -65,10 +69,11 @@ pub fn compare(
                 let s = ember_once(art, &root, work, execs, &payload)?;
                 eprintln!(
                     "run {}/{runs} ember        {:>9.1} ms to agent ready, exec true median \
-                     {:.2} ms, up {:.1} MiB/s, down {:.1} MiB/s",
+                     {:.2} ms, stdout {:.1} MiB/s, up {:.1} MiB/s, down {:.1} MiB/s",
                     run + 1,
                     s.to_ready_ms,
                     crate::stats::median(&sorted(&s.exec_ms)).unwrap_or(0.0),
+                    s.stdout_mib_s,
                     s.upload_mib_s,
                     s.download_mib_s
                 );
@@ -95,6 +100,7 @@ pub fn compare(
         qemu_to_serial_ready_ms: Summary::of(&qemu),
         exec_true_p99_ms: percentile(&sorted(&all_execs), 99.0).unwrap_or(0.0),
         exec_true_ms: summary(all_execs)?,
+        exec_stdout_mib_s: summary(ember.iter().map(|s| s.stdout_mib_s).collect())?,
         upload_mib_s: summary(ember.iter().map(|s| s.upload_mib_s).collect())?,
         download_mib_s: summary(ember.iter().map(|s| s.download_mib_s).collect())?,
     })
@@ -143,6 +149,8 @@ fn ember_once(
             return Err(format!("exec true ended with {:?}", out.status));
         }
     }
+    let mib = fs::metadata(payload).map_err(|e| e.to_string())?.len() >> 20;
+    let stdout_mib_s = stream_stdout(&client, mib)?;
     let (upload_mib_s, download_mib_s) = transfer(&client, payload)?;
     client
         .shutdown()
@@ -151,9 +159,35 @@ fn ember_once(
     Ok(EmberSample {
         to_ready_ms,
         exec_ms,
+        stdout_mib_s,
         upload_mib_s,
         download_mib_s,
     })
+}
+
+/// Runs `dd` writing `mib` MiB of zeros to stdout in 4 KiB writes; MiB/s as the host
+/// receives them, request to exit status.
+fn stream_stdout(client: &AgentClient, mib: u64) -> Result<f64, String> {
+    let count = (mib << 20) / 4096;
+    let command = Exec::new(["dd", "if=/dev/zero", "bs=4096", &format!("count={count}")]);
+    let mut received = 0u64;
+    let t = Instant::now();
+    let status = client
+        .exec(&command, |stream, data| {
+            if stream == agent::OutputStream::Stdout {
+                received += data.len() as u64;
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("exec dd: {e}"))?;
+    let seconds = t.elapsed().as_secs_f64();
+    if status.code != Some(0) || received != count * 4096 {
+        return Err(format!(
+            "exec dd ended with {status:?} after {received} of {} bytes",
+            count * 4096
+        ));
+    }
+    Ok(mib as f64 / seconds)
 }
 
 /// Uploads `payload` to the guest's /tmp and downloads it again; MiB/s each way.

@@ -378,6 +378,7 @@ fn agent_bench(
         "{:<34} {:>12.2}",
         "ember: exec true p99 (ms)", r.exec_true_p99_ms
     );
+    row("ember: exec stdout (MiB/s)", &r.exec_stdout_mib_s);
     row("ember: upload (MiB/s)", &r.upload_mib_s);
     row("ember: download (MiB/s)", &r.download_mib_s);
     Ok(json!({
