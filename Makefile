@@ -26,9 +26,17 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets --quiet -- -D warnings
 
-# Everything: lint, unit tests, and the integration tests that boot real guests.
+# The integration tests (tests/tests/*.rs) that boot guests, and those that do not. Every
+# file there is in one list (a unit test of tests/src/lib.rs checks it).
+VM_TESTS := agent api block boot clones config_file hostile net snapshot
+HOST_TESTS := config_errors hostile_api
+
+# Everything: lint, unit tests, and the integration tests that boot real guests. The latter
+# run one after the other in a single job (in the nested test bed: one level-1 VM for all).
 test: build lint
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace --exclude ember-tests
+	$(CARGO) test --release -p ember-tests --lib --bins $(HOST_TESTS:%=--test %)
+	$(TESTBED) --memory 6144 --timeout 3600 $(VM_TESTS:%=--test %)
 
 # Every fuzz target for FUZZ_SECONDS each from the committed seeds (stable toolchain with
 # RUSTC_BOOTSTRAP=1, see fuzz/smoke.sh); installs cargo-fuzz if it is missing.

@@ -939,6 +939,42 @@ pub fn parse_ready_line(console: &str) -> Option<ReadyLine> {
 mod tests {
     use super::*;
 
+    /// `make test` runs the integration tests by name: one missing from both of the
+    /// Makefile's lists would never run.
+    #[test]
+    fn every_integration_test_is_listed_in_the_makefile() {
+        let makefile = fs::read_to_string(repo_root().join("Makefile")).unwrap();
+        let list = |var: &str| -> Vec<String> {
+            let prefix = format!("{var} := ");
+            let line = makefile.lines().find(|l| l.starts_with(&prefix));
+            let line = line.unwrap_or_else(|| panic!("no `{prefix}` line in the Makefile"));
+            line[prefix.len()..]
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        let (vm, host) = (list("VM_TESTS"), list("HOST_TESTS"));
+        let mut files: Vec<String> = fs::read_dir(repo_root().join("tests/tests"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().into_string().ok())
+            .filter_map(|f| f.strip_suffix(".rs").map(String::from))
+            .collect();
+        files.sort();
+        for file in &files {
+            let listed = usize::from(vm.contains(file)) + usize::from(host.contains(file));
+            assert_eq!(
+                listed, 1,
+                "tests/tests/{file}.rs must be in exactly one of VM_TESTS and HOST_TESTS"
+            );
+        }
+        for name in vm.iter().chain(&host) {
+            assert!(
+                files.contains(name),
+                "the Makefile lists {name}, but there is no tests/tests/{name}.rs"
+            );
+        }
+    }
+
     #[test]
     fn ready_line_parses() {
         let text = "noise\nember-init: ready in 42 ms: cpus=2 ram_kib=261755 hostname=ember\r\n";

@@ -2,10 +2,16 @@
 //! virtualization, else in the nested test bed) and passes its output and exit status on.
 //!
 //! `ember-testbed [--share DIR]... [--timeout SECS] [--memory MIB] -- COMMAND [ARGS...]`
+//! `ember-testbed [--timeout SECS] [--memory MIB] --test NAME...`
+//!
+//! With `--test`, it builds those integration tests of this package and runs them one after
+//! the other in a single job: in the nested test bed that is one level-1 VM for the lot
+//! instead of one per test (a level-1 boot costs seconds under TCG), which is how `make test`
+//! runs the suites that boot guests.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
@@ -30,6 +36,10 @@ struct Cli {
     /// Print where the command runs (direct or nested) and exit.
     #[arg(long)]
     show_placement: bool,
+    /// Build this integration test of the ember-tests package and run it, with the others
+    /// named, in one job (repeatable; instead of a command).
+    #[arg(long = "test", value_name = "NAME", conflicts_with = "command")]
+    tests: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true)]
     command: Vec<String>,
@@ -46,8 +56,20 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         };
     }
+    if !cli.tests.is_empty() {
+        return match suites(&cli.tests) {
+            Ok(job) => finish(
+                job.timeout(Duration::from_secs(cli.timeout))
+                    .memory_mib(cli.memory),
+            ),
+            Err(e) => fail(&e),
+        };
+    }
     if cli.command.is_empty() {
-        return fail("no command given; usage: ember-testbed [OPTIONS] -- COMMAND [ARGS...]");
+        return fail(
+            "no command given; usage: ember-testbed [OPTIONS] -- COMMAND [ARGS...] \
+             or ember-testbed [OPTIONS] --test NAME...",
+        );
     }
     let cwd = match std::env::current_dir() {
         Ok(cwd) => cwd,
@@ -66,6 +88,11 @@ fn main() -> ExitCode {
     for dir in cli.share {
         job = job.share(cwd.join(dir));
     }
+    finish(job)
+}
+
+/// Runs `job` and passes its output and exit status on.
+fn finish(job: Job) -> ExitCode {
     match job.run() {
         Ok(out) => {
             print!("{}", out.stdout);
@@ -75,6 +102,61 @@ fn main() -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// A job that runs the named integration tests of this package one after the other, each with
+/// one test thread (as the per-test jobs ran them), and fails if any failed, naming them.
+fn suites(names: &[String]) -> Result<Job, String> {
+    let root = testbed::repo_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(&root)
+        .args(["test", "--release", "-p", "ember-tests", "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stderr(Stdio::inherit());
+    for name in names {
+        build.args(["--test", name]);
+    }
+    let out = build
+        .output()
+        .map_err(|e| format!("cannot run cargo to build the tests: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the tests {names:?} failed (cargo said why above)"
+        ));
+    }
+    let executables = test_executables(&String::from_utf8_lossy(&out.stdout));
+    let mut script = String::from("failed=\n");
+    for name in names {
+        let exe = executables
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, exe)| exe)
+            .ok_or_else(|| format!("cargo built no test executable named {name}"))?;
+        script += &format!(
+            "echo \"=== {name}\"\n{} --test-threads=1 || failed=\"$failed {name}\"\n",
+            shell_quote(exe)
+        );
+    }
+    script += "if [ -n \"$failed\" ]; then echo \"=== failed:$failed\"; exit 1; fi\n\
+               echo \"=== all passed\"\n";
+    // The tests make their own jobs' directories (run in place here) beside this one.
+    Ok(Job::new("suites", script).share(root.join("target/testbed/jobs")))
+}
+
+/// (test target name, executable) for each test cargo built, from its JSON messages.
+fn test_executables(messages: &str) -> Vec<(String, PathBuf)> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter_map(|m| {
+            let name = m["target"]["name"].as_str()?.to_string();
+            let exe = m["executable"].as_str()?;
+            Some((name, PathBuf::from(exe)))
+        })
+        .collect()
 }
 
 fn fail(message: &str) -> ExitCode {
