@@ -33,9 +33,11 @@ HOST_TESTS := config_errors hostile_api
 
 # Everything: lint, unit tests, and the integration tests that boot real guests. The latter
 # run one after the other in a single job (in the nested test bed: one level-1 VM for all).
+# Test binaries use the test-release profile (Cargo.toml); the binaries under test are the
+# release ones `build` made.
 test: build lint
-	$(CARGO) test --release --workspace --exclude ember-tests
-	$(CARGO) test --release -p ember-tests --lib --bins $(HOST_TESTS:%=--test %)
+	$(CARGO) test --profile test-release --workspace --exclude ember-tests
+	$(CARGO) test --profile test-release -p ember-tests --lib --bins $(HOST_TESTS:%=--test %)
 	$(TESTBED) --memory 6144 --timeout 3600 $(VM_TESTS:%=--test %)
 
 # Every fuzz target for FUZZ_SECONDS each from the committed seeds (stable toolchain with

@@ -2,7 +2,7 @@
 //! virtualization, else in the nested test bed) and passes its output and exit status on.
 //!
 //! `ember-testbed [--share DIR]... [--timeout SECS] [--memory MIB] -- COMMAND [ARGS...]`
-//! `ember-testbed [--timeout SECS] [--memory MIB] --test NAME...`
+//! `ember-testbed [--timeout SECS] [--memory MIB] [--profile NAME] --test NAME...`
 //!
 //! With `--test`, it builds those integration tests of this package and runs them one after
 //! the other in a single job: in the nested test bed that is one level-1 VM for the lot
@@ -40,6 +40,14 @@ struct Cli {
     /// named, in one job (repeatable; instead of a command).
     #[arg(long = "test", value_name = "NAME", conflicts_with = "command")]
     tests: Vec<String>,
+    /// The cargo profile the tests named by `--test` are built with.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "test-release",
+        requires = "tests"
+    )]
+    profile: String,
     /// The command and its arguments.
     #[arg(last = true)]
     command: Vec<String>,
@@ -57,7 +65,7 @@ fn main() -> ExitCode {
         };
     }
     if !cli.tests.is_empty() {
-        return match suites(&cli.tests) {
+        return match suites(&cli.tests, &cli.profile) {
             Ok(job) => finish(
                 job.timeout(Duration::from_secs(cli.timeout))
                     .memory_mib(cli.memory),
@@ -106,13 +114,20 @@ fn finish(job: Job) -> ExitCode {
 
 /// A job that runs the named integration tests of this package one after the other, each with
 /// one test thread (as the per-test jobs ran them), and fails if any failed, naming them.
-fn suites(names: &[String]) -> Result<Job, String> {
+fn suites(names: &[String], profile: &str) -> Result<Job, String> {
     let root = testbed::repo_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build
         .current_dir(&root)
-        .args(["test", "--release", "-p", "ember-tests", "--no-run"])
+        .args([
+            "test",
+            "--profile",
+            profile,
+            "-p",
+            "ember-tests",
+            "--no-run",
+        ])
         .args(["--message-format", "json-render-diagnostics"])
         .stderr(Stdio::inherit());
     for name in names {
