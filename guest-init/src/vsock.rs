@@ -148,17 +148,14 @@ impl Read for VsockStream {
 
 impl Write for VsockStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: the pointer and length describe `buf`, readable for the call. MSG_NOSIGNAL:
-        // a closed peer is an EPIPE error, not a SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        let fd = self.fd.as_raw_fd();
+        send_backing_off(buf, |chunk| {
+            // SAFETY: the pointer and length describe `chunk`, readable for the call.
+            // MSG_NOSIGNAL: a closed peer is an EPIPE error, not a SIGPIPE.
+            let n =
+                unsafe { libc::send(fd, chunk.as_ptr().cast(), chunk.len(), libc::MSG_NOSIGNAL) };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -175,5 +172,100 @@ impl AsRawFd for VsockStream {
 impl AsRawFd for VsockListener {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// How many times a send the guest kernel found no memory for is tried again.
+const MEMORY_RETRIES: u32 = 20;
+/// The longest pause between two such tries (they start at 1 ms and double).
+const MAX_MEMORY_PAUSE: Duration = Duration::from_millis(200);
+/// The smallest send a retry shrinks to.
+const MIN_RETRY_SEND: usize = 4096;
+
+/// Sends what `send` takes of `buf`. The guest kernel allocates a buffer per vsock packet
+/// of up to 64 KiB, in one piece: an allocation that can fail when memory is fragmented,
+/// with plenty of it free. ENOMEM or ENOBUFS then means "not now", not a broken
+/// connection: the send is tried again after a pause that doubles (about 2.5 s in all),
+/// each time with half the bytes, down to a page. What still fails is returned and said
+/// on the console, as the connection then ends without an answer to the host.
+pub fn send_backing_off(
+    buf: &[u8],
+    mut send: impl FnMut(&[u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut len = buf.len();
+    let mut pause = Duration::from_millis(1);
+    for _ in 0..MEMORY_RETRIES {
+        match send(&buf[..len]) {
+            Err(e) if is_out_of_memory(&e) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(MAX_MEMORY_PAUSE);
+                len = (len / 2).max(MIN_RETRY_SEND.min(buf.len()));
+            }
+            other => return other,
+        }
+    }
+    let last = send(&buf[..len]);
+    if let Err(e) = &last {
+        if is_out_of_memory(e) {
+            guest_init::report::console_line(&format!(
+                "ember-init: agent: a vsock send of {len} bytes found no kernel memory \
+                 {} times in a row: {e}",
+                MEMORY_RETRIES + 1
+            ));
+        }
+    }
+    last
+}
+
+fn is_out_of_memory(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enomem() -> io::Error {
+        io::Error::from_raw_os_error(libc::ENOMEM)
+    }
+
+    #[test]
+    fn a_send_without_kernel_memory_is_retried_smaller() {
+        let buf = vec![0u8; 64 << 10];
+        let mut tried = Vec::new();
+        // The kernel finds memory only for packets of 16 KiB or less.
+        let sent = send_backing_off(&buf, |chunk| {
+            tried.push(chunk.len());
+            if chunk.len() > 16 << 10 {
+                Err(enomem())
+            } else {
+                Ok(chunk.len())
+            }
+        });
+        assert_eq!(sent.unwrap(), 16 << 10);
+        assert_eq!(tried, [64 << 10, 32 << 10, 16 << 10]);
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        let mut calls = 0;
+        let sent = send_backing_off(b"data", |_| {
+            calls += 1;
+            Err(io::Error::from_raw_os_error(libc::EPIPE))
+        });
+        assert_eq!(sent.unwrap_err().raw_os_error(), Some(libc::EPIPE));
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn a_send_that_never_finds_memory_fails_in_the_end() {
+        let mut calls = 0;
+        let sent = send_backing_off(&[0u8; 100], |chunk| {
+            calls += 1;
+            assert_eq!(chunk.len(), 100, "never below the page floor or the buffer");
+            Err(enomem())
+        });
+        assert_eq!(sent.unwrap_err().raw_os_error(), Some(libc::ENOMEM));
+        assert_eq!(calls, MEMORY_RETRIES + 1);
     }
 }

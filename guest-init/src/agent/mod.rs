@@ -13,6 +13,7 @@ use std::fmt::Display;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub use guest::start_in_guest;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `shutdown`/`reboot` waits for the host to read the answer and hang up.
 const HANGUP_WAIT: Duration = Duration::from_secs(1);
+/// Unexpected I/O failures said on the console so far (the first 20 are).
+static IO_FAILURES_SAID: AtomicU32 = AtomicU32::new(0);
 /// Connection threads only parse, copy and wait; they need little stack.
 const THREAD_STACK: usize = 256 << 10;
 
@@ -143,6 +146,8 @@ pub fn serve<L: Listener>(listener: L, agent: Arc<Agent>) {
 pub struct Failure {
     pub code: ErrorCode,
     pub message: String,
+    /// The operating system's error number, for failures that come from one.
+    pub os_error: Option<i32>,
 }
 
 impl Failure {
@@ -150,6 +155,7 @@ impl Failure {
         Self {
             code,
             message: message.into(),
+            os_error: None,
         }
     }
 
@@ -159,7 +165,20 @@ impl Failure {
 
     /// `what` failed with `error`; the code follows the error's kind.
     pub fn io(what: impl Display, error: &io::Error) -> Self {
-        Self::new(code_for(error), format!("{what}: {error}"))
+        Self {
+            os_error: error.raw_os_error(),
+            ..Self::new(code_for(error), format!("{what}: {error}"))
+        }
+    }
+
+    /// An I/O failure that is not the host hanging up: worth a console line, as the host
+    /// may never get the ERROR frame (a failed send leaves the stream mid-frame).
+    fn is_unexpected_io(&self) -> bool {
+        self.code == ErrorCode::Io
+            && !matches!(
+                self.os_error,
+                Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ESHUTDOWN)
+            )
     }
 }
 
@@ -185,7 +204,11 @@ fn handle<C: Connection>(agent: &Agent, mut conn: C) {
         Ok(None) => return,
         Err(failure) => return reply_error(&mut conn, &failure),
     };
+    let what = request.op();
     if let Err(failure) = respond(agent, &mut conn, request) {
+        if failure.is_unexpected_io() && IO_FAILURES_SAID.fetch_add(1, Ordering::Relaxed) < 20 {
+            say!("ember-init: agent: {what} failed: {}", failure.message);
+        }
         reply_error(&mut conn, &failure);
     }
 }
