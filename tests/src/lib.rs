@@ -579,7 +579,8 @@ pub fn vm_test_with_memory(test: &str, timeout: Duration, memory_mib: u32) -> Op
         .timeout(timeout)
         .memory_mib(memory_mib);
     if placement == Placement::Direct {
-        // Run the body in this process, in the job's directory.
+        // Run the body in this process, in the job's directory, within the time limit.
+        time_limit(test, timeout);
         return Some(job.dir().to_path_buf());
     }
     let out = job.run().unwrap_or_else(|e| panic!("{e}"));
@@ -588,6 +589,26 @@ pub fn vm_test_with_memory(test: &str, timeout: Duration, memory_mib: u32) -> Op
         "{test} failed in the test bed:\n{out}"
     );
     None
+}
+
+/// Ends this process if the calling test's thread (libtest runs each test on its own) is
+/// still running after `limit`: in one process, as `make test` runs the suites, a test that
+/// hangs must not hold up the rest until the whole run's limit.
+fn time_limit(test: &str, limit: Duration) {
+    thread_local! {
+        static DONE: std::cell::RefCell<Option<std::sync::mpsc::Sender<()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    // Dropped with the test's thread-locals when its thread ends, which wakes the watchdog.
+    DONE.with(|d| *d.borrow_mut() = Some(done));
+    let test = test.to_string();
+    std::thread::spawn(move || {
+        if finished.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            eprintln!("testbed: {test} is still running after its limit of {limit:?}; ending the test process");
+            std::process::exit(101);
+        }
+    });
 }
 
 /// Waits for `child` to exit; kills it and returns None once `timeout` has passed.
@@ -938,6 +959,39 @@ pub fn parse_ready_line(console: &str) -> Option<ReadyLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_test_past_its_time_limit_ends_the_process() {
+        if std::env::var_os("EMBER_TIME_LIMIT_CHILD").is_some() {
+            time_limit("the child", Duration::from_millis(100));
+            std::thread::sleep(Duration::from_secs(30));
+            return;
+        }
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_test_past_its_time_limit_ends_the_process",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env("EMBER_TIME_LIMIT_CHILD", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(101), "{stderr}");
+        assert!(
+            stderr.contains("the child is still running after its limit of 100ms"),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn a_test_that_ends_in_time_is_left_alone() {
+        std::thread::spawn(|| time_limit("a quick one", Duration::from_millis(200)))
+            .join()
+            .unwrap();
+        // Had the watchdog fired, this process would have ended here.
+        std::thread::sleep(Duration::from_millis(600));
+    }
 
     /// `make test` runs the integration tests by name: one missing from both of the
     /// Makefile's lists would never run.
