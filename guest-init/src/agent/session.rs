@@ -24,8 +24,8 @@ use crate::reaper::Reaper;
 const MAX_DRAIN_ROUNDS: u32 = 64;
 /// How long output read from a command waits for more before it goes out as a frame. A
 /// program writing through stdio hands over 4 KiB at a time; each frame is a vsock packet and
-/// its exits, so fewer, larger frames move a stream several times faster, for at most this
-/// much added latency.
+/// its exits, so fewer, larger frames move a stream faster (1.3x to 1.6x for `dd` in 4 KiB
+/// writes, in the nested test bed), for at most this much added latency.
 const COALESCE: Duration = Duration::from_millis(2);
 /// The terminal's end-of-file character (VEOF, Ctrl-D) in a fresh pty.
 const TTY_EOF: u8 = 0x04;
