@@ -56,8 +56,7 @@
 //!   absolute), `stdin` (default false: stdin is /dev/null), `timeout_ms` (optional), `tty`
 //!   (default false), `kill_grace_ms` (default 2000).
 //!   The agent answers RESPONSE `{"started":{"pid":N}}`, then STDOUT and STDERR frames as the
-//!   output comes (order kept within each stream; with a tty there is only STDOUT; output
-//!   arriving within 2 ms of a frame's first byte shares its frame, up to 64 KiB), then a
+//!   output comes (order kept within each stream; with a tty there is only STDOUT), then a
 //!   final RESPONSE `{"exit":{"code":N,"timed_out":false}}` or
 //!   `{"exit":{"signal":N,"timed_out":B}}` ([`ExecResponse`], [`ExitStatus`]). The host may
 //!   send STDIN frames (when `stdin` is true; otherwise they are dropped) and SIGNAL frames

@@ -9,7 +9,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use guest_init::proto::{
     self, ErrorCode, ExecResponse, ExitStatus, FrameKind, SignalRequest, DATA_CHUNK,
@@ -22,11 +21,6 @@ use crate::reaper::Reaper;
 /// After the command exits, how many rounds of reads may still drain its pipes: enough for
 /// everything it wrote, and a bound when a background process keeps writing.
 const MAX_DRAIN_ROUNDS: u32 = 64;
-/// How long output read from a command waits for more before it goes out as a frame. A
-/// program writing through stdio hands over 4 KiB at a time; each frame is a vsock packet and
-/// its exits, so fewer, larger frames move a stream faster (1.3x to 1.6x for `dd` in 4 KiB
-/// writes, in the nested test bed), for at most this much added latency.
-const COALESCE: Duration = Duration::from_millis(2);
 /// The terminal's end-of-file character (VEOF, Ctrl-D) in a fresh pty.
 const TTY_EOF: u8 = 0x04;
 
@@ -275,13 +269,7 @@ fn read_ready<C: Connection>(
             Ok(0) => {
                 outputs.remove(index);
             }
-            Ok(n) => {
-                let (n, ended) = coalesce(file, buf, n);
-                sink.send(*kind, &buf[..n])?;
-                if ended {
-                    outputs.remove(index);
-                }
-            }
+            Ok(n) => sink.send(*kind, &buf[..n])?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // EIO is how a pty says its last user closed it; other errors end the output too.
             Err(_) => {
@@ -290,32 +278,6 @@ fn read_ready<C: Connection>(
         }
     }
     Ok(())
-}
-
-/// After a first read of `n` bytes into `buf`, reads what else `file` gives within
-/// [`COALESCE`] of it, until `buf` is full. Returns the bytes held and whether the output
-/// ended meanwhile (end of file, or an error such as a closed pty's EIO).
-fn coalesce(file: &mut File, buf: &mut [u8], mut n: usize) -> (usize, bool) {
-    let deadline = Instant::now() + COALESCE;
-    while n < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let mut fds = [poll_entry(file, libc::POLLIN)];
-        let timeout_ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(1);
-        match poll(&mut fds, timeout_ms) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        match file.read(&mut buf[n..]) {
-            Ok(0) => return (n, true),
-            Ok(more) => n += more,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return (n, true),
-        }
-    }
-    (n, false)
 }
 
 fn poll_entry(fd: &impl AsRawFd, events: libc::c_short) -> libc::pollfd {
@@ -338,77 +300,5 @@ fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> 
         if err.kind() != io::ErrorKind::Interrupted {
             return Err(err);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
-
-    use super::*;
-    use std::os::unix::net::UnixStream;
-    use std::thread;
-
-    /// A pipe-like pair: what is written to the stream is read from the file.
-    fn pair() -> (File, UnixStream) {
-        let (reader, writer) = UnixStream::pair().unwrap();
-        (File::from(std::os::fd::OwnedFd::from(reader)), writer)
-    }
-
-    #[test]
-    fn output_written_in_quick_pieces_goes_out_as_one_frame() {
-        let (mut file, mut writer) = pair();
-        for _ in 0..4 {
-            writer.write_all(&[7u8; 4096]).unwrap();
-        }
-        let mut buf = vec![0u8; DATA_CHUNK];
-        let first = file.read(&mut buf[..4096]).unwrap();
-        let (n, ended) = coalesce(&mut file, &mut buf, first);
-        assert_eq!((n, ended), (4 * 4096, false));
-    }
-
-    #[test]
-    fn a_frame_waits_for_more_output_no_longer_than_the_coalescing_delay() {
-        let (mut file, mut writer) = pair();
-        writer.write_all(b"first").unwrap();
-        let late = thread::spawn(move || {
-            thread::sleep(COALESCE * 50);
-            writer.write_all(b"late").unwrap();
-            writer
-        });
-        let mut buf = vec![0u8; DATA_CHUNK];
-        let first = file.read(&mut buf).unwrap();
-        let (n, ended) = coalesce(&mut file, &mut buf, first);
-        // The late write is not waited for: it goes in the next frame.
-        assert_eq!((&buf[..n], ended), (&b"first"[..], false));
-        drop(late.join().unwrap());
-        let mut rest = Vec::new();
-        file.read_to_end(&mut rest).unwrap();
-        assert_eq!(rest, b"late");
-    }
-
-    #[test]
-    fn output_that_ends_while_coalescing_is_sent_and_reported_ended() {
-        let (mut file, mut writer) = pair();
-        writer.write_all(b"last words").unwrap();
-        drop(writer);
-        let mut buf = vec![0u8; DATA_CHUNK];
-        let first = file.read(&mut buf[..4]).unwrap();
-        let (n, ended) = coalesce(&mut file, &mut buf, first);
-        assert_eq!((&buf[..n], ended), (&b"last words"[..], true));
-    }
-
-    #[test]
-    fn a_full_buffer_goes_out_at_once() {
-        let (mut file, mut writer) = pair();
-        let writer = thread::spawn(move || {
-            let _ = writer.write_all(&vec![1u8; 3 * DATA_CHUNK]);
-        });
-        let mut buf = vec![0u8; DATA_CHUNK];
-        let first = file.read(&mut buf).unwrap();
-        let (n, _) = coalesce(&mut file, &mut buf, first);
-        assert_eq!(n, DATA_CHUNK);
-        drop(file);
-        writer.join().unwrap();
     }
 }
