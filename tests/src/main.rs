@@ -113,7 +113,8 @@ fn finish(job: Job) -> ExitCode {
 }
 
 /// A job that runs the named integration tests of this package one after the other, each with
-/// one test thread (as the per-test jobs ran them), and fails if any failed, naming them.
+/// one test thread and its output shown as it comes (as the per-test jobs ran them: a test
+/// that a time limit ends has said what it got to), and fails if any failed, naming them.
 fn suites(names: &[String], profile: &str) -> Result<Job, String> {
     let root = testbed::repo_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -150,7 +151,7 @@ fn suites(names: &[String], profile: &str) -> Result<Job, String> {
             .map(|(_, exe)| exe)
             .ok_or_else(|| format!("cargo built no test executable named {name}"))?;
         script += &format!(
-            "echo \"=== {name}\"\n{} --test-threads=1 || failed=\"$failed {name}\"\n",
+            "echo \"=== {name}\"\n{} --test-threads=1 --nocapture || failed=\"$failed {name}\"\n",
             shell_quote(exe)
         );
     }
