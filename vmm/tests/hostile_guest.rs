@@ -23,7 +23,8 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::mmio::{reg, MmioTransport, CONFIG_SPACE};
 use vmm::devices::virtio::test_support::{
-    post_vsock_rx, read_vsock_rx, MmioDriver, Ring, UsedElem, F_INDIRECT, F_NEXT, F_WRITE,
+    post_vsock_rx, post_vsock_tx, read_vsock_rx, MmioDriver, Ring, UsedElem, F_INDIRECT, F_NEXT,
+    F_WRITE,
 };
 use vmm::devices::virtio::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use vmm::devices::BusDevice;
@@ -1098,17 +1099,14 @@ mod vs {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::{UnixListener, UnixStream};
-    pub use vmm::devices::virtio::vsock::packet::{
-        Header, Op, HEADER_LEN, MAX_PAYLOAD, TYPE_STREAM,
-    };
+    pub use vmm::devices::virtio::vsock::packet::{Header, Op, MAX_PAYLOAD, TYPE_STREAM};
     pub use vmm::devices::virtio::vsock::{Vsock, VsockCounters, VsockSpec, HOST_CID, RX, TX};
 
     pub const GUEST_CID: u64 = 3;
     pub const RX_RING: u64 = 0x1_0000;
     pub const TX_RING: u64 = 0x2_0000;
     pub const EV_RING: u64 = 0x3_0000;
-    pub const TX_BUFS: u64 = 0x40_0000;
-    pub const TX_SLOT: u64 = 0x1_1000;
+    pub use vmm::devices::virtio::test_support::VSOCK_TX_BUFS as TX_BUFS;
     pub const SIZE: u16 = 256;
     pub const GUEST_BUF_ALLOC: u32 = 64 * 1024;
 
@@ -1184,22 +1182,7 @@ mod vs {
         pub fn send(&mut self, packets: &[(Header, Vec<u8>)]) {
             assert!(packets.len() <= usize::from(SIZE / 2));
             for (slot, (h, payload)) in packets.iter().enumerate() {
-                let base = TX_BUFS + slot as u64 * TX_SLOT;
-                self.mem
-                    .write_slice(&h.to_bytes(), GuestAddress(base))
-                    .unwrap();
-                self.mem
-                    .write_slice(payload, GuestAddress(base + 0x100))
-                    .unwrap();
-                let id = slot as u16 * 2;
-                let flags = if payload.is_empty() { 0 } else { F_NEXT };
-                self.tx
-                    .store(id, Descriptor::new(base, HEADER_LEN as u32, flags, id + 1));
-                self.tx.store(
-                    id + 1,
-                    Descriptor::new(base + 0x100, payload.len() as u32, 0, 0),
-                );
-                self.tx.offer(id);
+                post_vsock_tx(self.mem, &self.tx, slot as u16, h, payload);
             }
             self.kick_tx(packets.len());
         }

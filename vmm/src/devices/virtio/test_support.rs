@@ -239,6 +239,42 @@ pub const VSOCK_RX_BUFS: u64 = 0x10_0000;
 const VSOCK_RX_STRIDE: u64 = 0x2000;
 pub const VSOCK_RX_BUF_LEN: u32 = super::vsock::packet::HEADER_LEN as u32 + 4096;
 
+/// Where the vsock test drivers put the packets they send: slot `n` at
+/// `VSOCK_TX_BUFS + n * VSOCK_TX_SLOT`, the header first and the payload 256 bytes in.
+pub const VSOCK_TX_BUFS: u64 = 0x40_0000;
+pub const VSOCK_TX_SLOT: u64 = 0x1_1000;
+
+/// The guest address of vsock transmit slot `slot`.
+pub fn vsock_tx_buf(slot: u16) -> u64 {
+    VSOCK_TX_BUFS + u64::from(slot) * VSOCK_TX_SLOT
+}
+
+/// Writes a packet into transmit slot `slot` and offers it on `ring` (a vsock transmit
+/// queue) as Linux lays it out: the header in descriptor `2 * slot`, chained to the payload
+/// in `2 * slot + 1` unless the payload is empty.
+pub fn post_vsock_tx(
+    mem: &GuestMemoryMmap,
+    ring: &Ring,
+    slot: u16,
+    header: &super::vsock::packet::Header,
+    payload: &[u8],
+) {
+    use super::vsock::packet::HEADER_LEN;
+    let base = vsock_tx_buf(slot);
+    mem.write_slice(&header.to_bytes(), GuestAddress(base))
+        .expect("the transmit slot is in guest memory");
+    mem.write_slice(payload, GuestAddress(base + 0x100))
+        .expect("the transmit slot is in guest memory");
+    let (head, data) = (slot * 2, slot * 2 + 1);
+    let flags = if payload.is_empty() { 0 } else { F_NEXT };
+    ring.store(head, Descriptor::new(base, HEADER_LEN as u32, flags, data));
+    ring.store(
+        data,
+        Descriptor::new(base + 0x100, payload.len() as u32, 0, 0),
+    );
+    ring.offer(head);
+}
+
 /// Gives the device receive buffer `id` in `ring` (a vsock receive queue).
 pub fn post_vsock_rx(ring: &Ring, id: u16) {
     let addr = VSOCK_RX_BUFS + u64::from(id) * VSOCK_RX_STRIDE;

@@ -23,19 +23,18 @@ use super::connection::DRAIN_TIMEOUT;
 use super::muxer::{Muxer, Watcher, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 use super::packet::{Header, Op, HEADER_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::{Vsock, VsockCounters, VsockSpec, EVQ, HOST_CID, QUEUE_SIZE, RX, TX};
-use crate::devices::virtio::test_support::{post_vsock_rx, read_vsock_rx, Ring};
+use crate::devices::virtio::test_support::{
+    post_vsock_rx, post_vsock_tx, read_vsock_rx, vsock_tx_buf, Ring,
+};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 
 const GUEST_CID: u64 = 3;
 const MEM_SIZE: usize = 16 << 20;
-const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 /// Ring placement and buffers, as a driver would lay them out.
 const RX_RING: u64 = 0x0;
 const TX_RING: u64 = 0x4000;
 const EV_RING: u64 = 0x8000;
-const TX_BUFS: u64 = 0x40_0000;
-const TX_SLOT: u64 = 0x1_1000;
 const TX_SLOTS: u16 = 64;
 /// The guest's receive buffer per socket, small to exercise the host's credit checks.
 const GUEST_BUF_ALLOC: u32 = 64 * 1024;
@@ -155,26 +154,7 @@ impl<'m> Guest<'m> {
         let Some(slot) = self.tx_free.pop() else {
             return false;
         };
-        let base = TX_BUFS + u64::from(slot) * TX_SLOT;
-        self.mem
-            .write_slice(&h.to_bytes(), GuestAddress(base))
-            .unwrap();
-        self.mem
-            .write_slice(payload, GuestAddress(base + 0x100))
-            .unwrap();
-        let (head, data) = (slot * 2, slot * 2 + 1);
-        let flags = if payload.is_empty() { 0 } else { F_NEXT };
-        let descs = [
-            (head, Descriptor::new(base, HEADER_LEN as u32, flags, data)),
-            (
-                data,
-                Descriptor::new(base + 0x100, payload.len() as u32, 0, 0),
-            ),
-        ];
-        for (i, d) in descs {
-            self.tx.store(i, d);
-        }
-        self.tx.offer(head);
+        post_vsock_tx(self.mem, &self.tx, slot, h, payload);
         true
     }
 
@@ -914,7 +894,7 @@ fn hostile_packets_are_dropped_or_reset_and_the_device_goes_on() {
 impl World<'_> {
     fn mem_write_header_writable(&mut self, h: &Header) {
         let slot = self.guest.tx_free.pop().unwrap();
-        let base = TX_BUFS + u64::from(slot) * TX_SLOT;
+        let base = vsock_tx_buf(slot);
         self.guest
             .mem
             .write_slice(&h.to_bytes(), GuestAddress(base))
