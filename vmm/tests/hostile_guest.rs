@@ -255,6 +255,12 @@ mod blk {
             );
         }
 
+        /// After a refused request: the image is as it was and the device still serves.
+        pub fn assert_unharmed(&mut self, case: &str) {
+            self.assert_image_untouched(case);
+            self.assert_serves(case);
+        }
+
         /// A well-formed read of sectors 2..4 succeeds and returns the image's bytes.
         pub fn assert_serves(&mut self, case: &str) {
             self.header(T_IN, 2);
@@ -350,8 +356,7 @@ fn block_descriptors_outside_memory_or_with_overflowing_lengths_fail_cleanly() {
         rig.header(kind, 0);
         assert_eq!(rig.request(&chain), expected, "{case}");
         assert_eq!(rig.invalid_requests(), invalid + 1, "{case}: counted");
-        rig.assert_image_untouched(case);
-        rig.assert_serves(case);
+        rig.assert_unharmed(case);
     }
 }
 
@@ -389,8 +394,7 @@ fn block_descriptor_loops_and_bad_indices_end_and_are_refused() {
         assert_eq!(used.len(), 1, "{case}: {used:?}");
         assert_eq!((used[0].id, used[0].len), (0, 0), "{case}");
         assert_eq!(rig.status_byte(), UNTOUCHED, "{case}");
-        rig.assert_image_untouched(case);
-        rig.assert_serves(case);
+        rig.assert_unharmed(case);
     }
 
     // A head index past the ring names no descriptor: there is nothing to return, so no
@@ -454,8 +458,7 @@ fn block_indirect_tables_that_were_not_negotiated_cannot_hang_or_escape() {
         assert_eq!(used.len(), 1, "{case}: {used:?}");
         assert_eq!((used[0].id, used[0].len), (0, 0), "{case}");
         assert_eq!(rig.status_byte(), UNTOUCHED, "{case}");
-        rig.assert_image_untouched(case);
-        rig.assert_serves(case);
+        rig.assert_unharmed(case);
     }
 }
 
@@ -879,8 +882,7 @@ fn block_requests_past_the_end_read_only_writes_and_bad_status_descriptors() {
             .unwrap();
         rig.header(kind, sector);
         assert_eq!(rig.request(&chain), expected, "{case}");
-        rig.assert_image_untouched(case);
-        rig.assert_serves(case);
+        rig.assert_unharmed(case);
     }
 }
 
